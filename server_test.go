@@ -1,0 +1,1449 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"testing/synctest"
+	"time"
+	"unicode"
+)
+
+// The replies of PROTOCOL.md, written out again rather than taken from the
+// code, so that a changed reply fails here.
+const (
+	r1  = "用户名不合法：1-32个字符，不能包含空白和 | : [ ]"
+	r2  = "当前用户名被使用了"
+	r3  = "您已更新用户名："
+	r4  = "消息格式不正确"
+	r5  = "不存在该用户"
+	r6  = "无消息内容，请重发"
+	r7  = "消息过长"
+	r8  = "你被踢出了"
+	r9  = "服务器已满，请稍后再试"
+	r10 = "服务器即将关闭"
+)
+
+// testTimeout bounds every wait in a test. In a synctest bubble it is fake
+// time, so a line that never comes fails the test at once.
+const testTimeout = 10 * time.Second
+
+// TestMain lets the test binary act as the server itself, for the tests
+// that run the real process (flags, signals, exit status).
+func TestMain(m *testing.M) {
+	if os.Getenv("CHAT_SERVER_MAIN") == "1" {
+		os.Exit(run(os.Args[1:], os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+// ---- test server and clients ----
+
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// pipeListener is a net.Listener of net.Pipe connections. Each gets its
+// own address, 127.0.0.1:10001 and up, so users have distinct names.
+type pipeListener struct {
+	conns chan net.Conn
+	done  chan struct{}
+	once  sync.Once
+	port  atomic.Int32
+}
+
+func newPipeListener() *pipeListener {
+	return &pipeListener{conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *pipeListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *pipeListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *pipeListener) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 8888} }
+
+func (l *pipeListener) dial() (net.Conn, string, error) {
+	srv, cli := net.Pipe()
+	addr := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 10000 + int(l.port.Add(1))}
+	select {
+	case l.conns <- addrConn{srv, addr}:
+		return cli, addr.String(), nil
+	case <-l.done:
+		return nil, "", net.ErrClosed
+	}
+}
+
+type addrConn struct {
+	net.Conn
+	remote net.Addr
+}
+
+func (c addrConn) RemoteAddr() net.Addr { return c.remote }
+
+type testServer struct {
+	tb     testing.TB
+	logs   *logBuffer
+	dial   func() (net.Conn, string, error)
+	cancel context.CancelFunc
+	done   chan error
+	once   sync.Once
+	err    error
+}
+
+func startServer(tb testing.TB, ln net.Listener, idle time.Duration, maxConns int) *testServer {
+	logs := &logBuffer{}
+	srv := NewServer(slog.New(slog.NewTextHandler(logs, nil)), idle, maxConns)
+	ctx, cancel := context.WithCancel(context.Background())
+	ts := &testServer{tb: tb, logs: logs, cancel: cancel, done: make(chan error, 1)}
+	go func() { ts.done <- srv.Serve(ctx, ln) }()
+	tb.Cleanup(func() {
+		if err := ts.stop(); err != nil {
+			tb.Errorf("Serve: %v", err)
+		}
+	})
+	return ts
+}
+
+// startPipe starts a server on net.Pipe connections; it works in a bubble.
+func startPipe(tb testing.TB, idle time.Duration, maxConns int) *testServer {
+	ln := newPipeListener()
+	ts := startServer(tb, ln, idle, maxConns)
+	ts.dial = ln.dial
+	return ts
+}
+
+// startTCP starts a server on a loopback port.
+func startTCP(tb testing.TB, idle time.Duration, maxConns int) *testServer {
+	tb.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ts := startServer(tb, ln, idle, maxConns)
+	addr := ln.Addr().String()
+	ts.dial = func() (net.Conn, string, error) {
+		c, err := net.DialTimeout("tcp", addr, testTimeout)
+		if err != nil {
+			return nil, "", err
+		}
+		return c, c.LocalAddr().String(), nil
+	}
+	return ts
+}
+
+// stop ends the server and waits for Serve, a bounded time.
+func (ts *testServer) stop() error {
+	ts.once.Do(func() {
+		ts.cancel()
+		select {
+		case ts.err = <-ts.done:
+		case <-time.After(shutdownTimeout + time.Second):
+			ts.err = errors.New("Serve did not return in time")
+		}
+	})
+	return ts.err
+}
+
+type client struct {
+	tb   testing.TB
+	conn net.Conn
+	r    *bufio.Reader
+	addr string // as the server prints it
+	name string
+}
+
+// connect opens a connection and reads nothing.
+func (ts *testServer) connect() *client {
+	ts.tb.Helper()
+	conn, addr, err := ts.dial()
+	if err != nil {
+		ts.tb.Fatalf("dial: %v", err)
+	}
+	ts.tb.Cleanup(func() { conn.Close() })
+	return &client{tb: ts.tb, conn: conn, r: bufio.NewReader(conn), addr: addr, name: addr}
+}
+
+// join connects a user and waits until it, and each of others, has seen it
+// come online.
+func (ts *testServer) join(others ...*client) *client {
+	ts.tb.Helper()
+	c := ts.connect()
+	c.expect(c.online())
+	for _, o := range others {
+		o.expect(c.online())
+	}
+	return c
+}
+
+func (c *client) prefix() string       { return "[" + c.addr + "]" + c.name + ":" }
+func (c *client) online() string       { return c.prefix() + "已上线" }
+func (c *client) offline() string      { return c.prefix() + "已下线" }
+func (c *client) whoLine() string      { return c.prefix() + "在线..." }
+func (c *client) says(s string) string { return c.prefix() + s }
+
+// write sends s as it is.
+func (c *client) write(s string) {
+	c.tb.Helper()
+	c.conn.SetWriteDeadline(time.Now().Add(testTimeout))
+	if _, err := io.WriteString(c.conn, s); err != nil {
+		c.tb.Fatalf("%s: write: %v", c.name, err)
+	}
+}
+
+// send sends each line with its "\n".
+func (c *client) send(lines ...string) {
+	c.tb.Helper()
+	c.write(strings.Join(lines, "\n") + "\n")
+}
+
+func (c *client) readLine() (string, error) {
+	c.conn.SetReadDeadline(time.Now().Add(testTimeout))
+	s, err := c.r.ReadString('\n')
+	if err != nil {
+		return s, err
+	}
+	return strings.TrimSuffix(s, "\n"), nil
+}
+
+// expect reads one line for each of want, which it must equal.
+func (c *client) expect(want ...string) {
+	c.tb.Helper()
+	for _, w := range want {
+		got, err := c.readLine()
+		if err != nil {
+			c.tb.Fatalf("%s: want %q, got error %v (partial %q)", c.name, w, err, got)
+		}
+		if got != w {
+			c.tb.Fatalf("%s: got line %q, want %q", c.name, got, w)
+		}
+	}
+}
+
+// expectClosed reads until the server closes the connection; no line may
+// come first.
+func (c *client) expectClosed() {
+	c.tb.Helper()
+	got, err := c.readLine()
+	switch {
+	case err == nil:
+		c.tb.Fatalf("%s: got line %q, want the connection closed", c.name, got)
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		c.tb.Fatalf("%s: connection still open after %v", c.name, testTimeout)
+	}
+}
+
+// sync proves that nothing else is queued for c: every line for c passes
+// through one queue, so the reply to a probe sent now must be the next
+// line c reads.
+func (c *client) sync() {
+	c.tb.Helper()
+	c.send("to|")
+	c.expect(r4)
+}
+
+func (c *client) rename(name string) {
+	c.tb.Helper()
+	c.send("rename|" + name)
+	c.expect(r3 + name)
+	c.name = name
+}
+
+// ---- the protocol, over net.Pipe ----
+
+// The users of TestCommands, as the pipe listener numbers them.
+const (
+	addrA = "127.0.0.1:10001"
+	addrB = "127.0.0.1:10002"
+)
+
+func TestCommands(t *testing.T) {
+	t.Parallel()
+	long := strings.Repeat("名", 32)
+	tests := []struct {
+		name  string
+		send  string   // what alice writes
+		alice []string // the lines alice then gets
+		bob   []string // the lines bob then gets
+	}{
+		{"text", "hi\n", []string{"[" + addrA + "]alice:hi"}, []string{"[" + addrA + "]alice:hi"}},
+		{"empty line", "\n", nil, nil},
+		{"CRLF", "hi\r\n", []string{"[" + addrA + "]alice:hi"}, []string{"[" + addrA + "]alice:hi"}},
+		{"only control characters", "\x01\x1b\x7f\r\n", nil, nil},
+		{"ANSI escape loses ESC", "\x1b[31mred\x1b[0m\n", []string{"[" + addrA + "]alice:[31mred[0m"}, []string{"[" + addrA + "]alice:[31mred[0m"}},
+		{"carriage return cannot overwrite", "fake\rreal\n", []string{"[" + addrA + "]alice:fakereal"}, []string{"[" + addrA + "]alice:fakereal"}},
+		{"bell and C1 removed", "a\x07b\u0085c\u009bd\n", []string{"[" + addrA + "]alice:abcd"}, []string{"[" + addrA + "]alice:abcd"}},
+		{"tab kept", "a\tb\n", []string{"[" + addrA + "]alice:a\tb"}, []string{"[" + addrA + "]alice:a\tb"}},
+		{"invalid UTF-8 runs", "a\xff\xfeb\xc0c\n", []string{"[" + addrA + "]alice:a\uFFFDb\uFFFDc"}, []string{"[" + addrA + "]alice:a\uFFFDb\uFFFDc"}},
+		{"control splits invalid run", "\xff\x01\xff\n", []string{"[" + addrA + "]alice:\uFFFD\uFFFD"}, []string{"[" + addrA + "]alice:\uFFFD\uFFFD"}},
+		{"Chinese", "你好，世界\n", []string{"[" + addrA + "]alice:你好，世界"}, []string{"[" + addrA + "]alice:你好，世界"}},
+		{"who with a space is text", "who \n", []string{"[" + addrA + "]alice:who "}, []string{"[" + addrA + "]alice:who "}},
+		{"WHO is text", "WHO\n", []string{"[" + addrA + "]alice:WHO"}, []string{"[" + addrA + "]alice:WHO"}},
+		{"rename without pipe is text", "rename\n", []string{"[" + addrA + "]alice:rename"}, []string{"[" + addrA + "]alice:rename"}},
+		{"who", "who\n", []string{"[" + addrA + "]alice:在线...", "[" + addrB + "]bob:在线..."}, nil},
+		{"rename", "rename|carol\n", []string{r3 + "carol"}, nil},
+		{"rename 32 runes", "rename|" + long + "\n", []string{r3 + long}, nil},
+		{"rename cleans first", "rename|a\x01b\n", []string{r3 + "ab"}, nil},
+		{"rename empty", "rename|\n", []string{r1}, nil},
+		{"rename only controls", "rename|\x01\x02\n", []string{r1}, nil},
+		{"rename 33 runes", "rename|" + long + "x\n", []string{r1}, nil},
+		{"rename space", "rename|a b\n", []string{r1}, nil},
+		{"rename tab", "rename|a\tb\n", []string{r1}, nil},
+		{"rename ideographic space", "rename|a\u3000b\n", []string{r1}, nil},
+		{"rename pipe", "rename|a|b\n", []string{r1}, nil},
+		{"rename colon", "rename|a:b\n", []string{r1}, nil},
+		{"rename brackets", "rename|[a]\n", []string{r1}, nil},
+		{"rename address", "rename|127.0.0.1:5\n", []string{r1}, nil},
+		{"rename taken", "rename|bob\n", []string{r2}, nil},
+		{"rename own name", "rename|alice\n", []string{r2}, nil},
+		{"to| alone", "to|\n", []string{r4}, nil},
+		{"to with empty name", "to||hi\n", []string{r4}, nil},
+		{"to unknown, no text", "to|nobody\n", []string{r5}, nil},
+		{"to unknown", "to|nobody|x\n", []string{r5}, nil},
+		{"to is case sensitive", "to|Bob|x\n", []string{r5}, nil},
+		{"to without text", "to|bob\n", []string{r6}, nil},
+		{"to with empty text", "to|bob|\n", []string{r6}, nil},
+		{"whisper", "to|bob|hi\n", nil, []string{"alice对您说:hi"}},
+		{"whisper with pipes", "to|bob|a|b|\n", nil, []string{"alice对您说:a|b|"}},
+		{"whisper is cleaned", "to|bob|\x1b[2Jx\n", nil, []string{"alice对您说:[2Jx"}},
+		{"whisper to self", "to|alice|me\n", []string{"alice对您说:me"}, nil},
+		{"course client whisper", "to|bob|hi\n\n", nil, []string{"alice对您说:hi"}},
+		{"lines in one write run in order", "hi\nwho\nto|\nto|bob|x\n", []string{
+			"[" + addrA + "]alice:hi", "[" + addrA + "]alice:在线...", "[" + addrB + "]bob:在线...", r4,
+		}, []string{"[" + addrA + "]alice:hi", "alice对您说:x"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			synctest.Test(t, func(t *testing.T) {
+				ts := startPipe(t, 0, 0)
+				alice := ts.join()
+				bob := ts.join(alice)
+				alice.rename("alice")
+				bob.rename("bob")
+
+				alice.write(tt.send)
+				alice.expect(tt.alice...)
+				bob.expect(tt.bob...)
+				alice.sync()
+				bob.sync()
+			})
+		})
+	}
+}
+
+func TestOnlineOffline(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, 0, 0)
+		a := ts.connect()
+		a.expect(a.online()) // the first line a newcomer gets is its own
+		b := ts.join(a)
+		c := ts.join(a, b)
+		c.rename("carol")
+
+		c.conn.Close()
+		a.expect("[" + c.addr + "]carol:已下线")
+		b.expect("[" + c.addr + "]carol:已下线")
+		b.conn.Close()
+		a.expect(b.offline())
+		a.send("who")
+		a.expect(a.whoLine())
+		a.sync()
+	})
+}
+
+func TestRenameTakesEffectAtOnce(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, 0, 0)
+		a := ts.join()
+		b := ts.join(a)
+		old := a.name
+		a.send("rename|x", "hi", "who")
+		a.name = "x"
+		a.expect(r3+"x", a.says("hi"), b.whoLine(), a.whoLine())
+		b.expect(a.says("hi")) // and not told of the rename itself
+		b.sync()
+
+		// The old name is free, the new one taken.
+		b.send("to|"+old+"|x", "rename|x", "to|x|psst")
+		b.expect(r5, r2)
+		a.expect(b.name + "对您说:psst")
+	})
+}
+
+func TestFramingOverPipe(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, 0, 0)
+		a := ts.join()
+		b := ts.join(a)
+
+		for _, c := range "byte by byte\r\n" {
+			a.write(string(c))
+		}
+		a.expect(a.says("byte by byte"))
+		b.expect(a.says("byte by byte"))
+
+		// A last line without "\n" still counts when the client goes.
+		a.write("last words")
+		a.conn.Close()
+		b.expect(a.says("last words"), a.offline())
+	})
+}
+
+func TestLongLines(t *testing.T) {
+	t.Parallel()
+	max := strings.Repeat("x", maxLineBytes)
+	tests := []struct {
+		name   string
+		writes []string // written one after another
+		want   []string // what the sender then gets
+	}{
+		{"4096 bytes", []string{max + "\n"}, []string{"[" + addrA + "]" + addrA + ":" + max}},
+		{"4096 bytes and CRLF", []string{max + "\r\n"}, []string{"[" + addrA + "]" + addrA + ":" + max}},
+		{"a second CR is content, then cleaned", []string{max[1:] + "\r\r\n"}, []string{"[" + addrA + "]" + addrA + ":" + max[1:]}},
+		{"4097 bytes", []string{max + "y\n"}, []string{r7}},
+		{"4097 bytes, CR at the limit", []string{max + "\ry\n"}, []string{r7}},
+		{"many pieces, one R7", []string{max, "y", strings.Repeat("z", 10000), "\n"}, []string{r7}},
+		{"two long lines, two R7", []string{max + "y\n" + max + "y\n"}, []string{r7, r7}},
+		{"long line between short ones", []string{"a\n" + max + "yy\nb\n"}, []string{
+			"[" + addrA + "]" + addrA + ":a", r7, "[" + addrA + "]" + addrA + ":b",
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			synctest.Test(t, func(t *testing.T) {
+				ts := startPipe(t, 0, 0)
+				a := ts.join()
+				for _, w := range tt.writes {
+					a.write(w)
+				}
+				a.expect(tt.want...)
+				a.sync() // one R7 per line, and the connection stays
+			})
+		})
+	}
+}
+
+// R7 comes as soon as the limit is passed, before the line ends.
+func TestTooLongAnsweredAtOnce(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, 0, 0)
+		a := ts.join()
+		a.write(strings.Repeat("x", maxLineBytes+1))
+		a.expect(r7)
+		a.write(strings.Repeat("x", 3*maxLineBytes) + "\nhi\n")
+		a.expect(a.says("hi"))
+	})
+}
+
+// ---- timers, under synctest: minutes run in no real time ----
+
+func TestIdleKick(t *testing.T) {
+	t.Parallel()
+	const idle = 5 * time.Minute
+	tests := []struct {
+		name   string
+		act    func(ts *testServer, a *client) // what a does (or gets) before the kick
+		kickAt time.Duration
+	}{
+		{"silent", func(*testServer, *client) {}, idle},
+		{"empty line counts", func(_ *testServer, a *client) {
+			time.Sleep(2 * time.Minute)
+			a.send("")
+		}, 7 * time.Minute},
+		{"partial line does not count", func(_ *testServer, a *client) {
+			time.Sleep(2 * time.Minute)
+			a.write("typing, not yet sent")
+		}, idle},
+		{"output received does not count", func(ts *testServer, a *client) {
+			time.Sleep(time.Minute)
+			b := ts.join(a)
+			for range 3 {
+				time.Sleep(time.Minute)
+				b.send("hello")
+				a.expect(b.says("hello"))
+			}
+			b.conn.Close()
+			a.expect(b.offline())
+		}, idle},
+		{"over-long line counts when its newline arrives", func(_ *testServer, a *client) {
+			time.Sleep(time.Minute)
+			a.write(strings.Repeat("x", 2*maxLineBytes))
+			a.expect(r7)
+			time.Sleep(2 * time.Minute)
+			a.write("\n")
+		}, 8 * time.Minute},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			synctest.Test(t, func(t *testing.T) {
+				start := time.Now()
+				ts := startPipe(t, idle, 0)
+				a := ts.join()
+				tt.act(ts, a)
+				// Well inside testTimeout, so a read deadline never ties with the kick.
+				time.Sleep(tt.kickAt - time.Second - time.Since(start))
+				watcher := ts.join(a)
+
+				a.expect(r8)
+				if got := time.Since(start); got != tt.kickAt {
+					t.Errorf("kicked after %v, want %v", got, tt.kickAt)
+				}
+				a.expectClosed()
+				watcher.expect(a.offline())
+				watcher.send("who")
+				watcher.expect(watcher.whoLine()) // no ghost
+				if !strings.Contains(ts.logs.String(), "msg=kick") {
+					t.Errorf("no kick in the log:\n%s", ts.logs.String())
+				}
+			})
+		})
+	}
+}
+
+func TestIdleZeroNeverKicks(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, 0, 0)
+		a := ts.join()
+		time.Sleep(24 * time.Hour)
+		a.sync()
+	})
+}
+
+func TestShutdown(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, 0, 0)
+		a := ts.join()
+		b := ts.join(a)
+		deaf := ts.connect() // never reads: its writer is stuck from the start
+		synctest.Wait()      // its 已上线 is queued
+		b.send("queued before the stop")
+		synctest.Wait() // the line is in everyone's queue
+
+		start := time.Now()
+		stopped := make(chan error, 1)
+		go func() { stopped <- ts.stop() }()
+		// What was queued comes first, then R10, then the close; nobody
+		// is told that anyone left.
+		for _, c := range []*client{a, b} {
+			c.expect(deaf.online(), b.says("queued before the stop"), r10)
+			c.expectClosed()
+		}
+		if err := <-stopped; err != nil {
+			t.Fatalf("Serve: %v", err)
+		}
+		// The deaf client held the stop up for its flush, and no longer.
+		if got := time.Since(start); got < flushTimeout || got > flushTimeout+writeSlice {
+			t.Errorf("stop took %v, want %v to %v", got, flushTimeout, flushTimeout+writeSlice)
+		}
+		deaf.expectClosed()
+		if !strings.Contains(ts.logs.String(), "msg=shutdown") {
+			t.Errorf("no shutdown in the log:\n%s", ts.logs.String())
+		}
+	})
+}
+
+// ---- limits ----
+
+func TestMaxConns(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, 0, 2)
+		a := ts.join()
+		b := ts.join(a)
+		full := ts.connect()
+		full.expect(r9)
+		full.expectClosed()
+		a.sync() // nobody else was told
+		b.sync()
+
+		b.conn.Close()
+		a.expect(b.offline())
+		c := ts.join(a) // the slot is free again
+		c.send("who")
+		c.expect(a.whoLine(), c.whoLine())
+	})
+}
+
+// A client that stops reading is dropped once 1 MiB waits for it; the
+// others never wait and lose nothing.
+func TestSlowReaderDropped(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, 0, 0)
+		slow := ts.join() // reads nothing after this
+		b := ts.join()
+		c := ts.join(b)
+		slowReaderRun(t, slow, b, c, 4000, maxQueuedBytes/4000+50)
+		if !strings.Contains(ts.logs.String(), "msg=drop") {
+			t.Errorf("no drop in the log:\n%s", ts.logs.String())
+		}
+	})
+}
+
+// slowReaderRun has b send lines of size bytes, at most limit of them,
+// while b and c read everything, until both have seen slow go; then who
+// must list b and c alone.
+func slowReaderRun(t *testing.T, slow, b, c *client, size, limit int) {
+	t.Helper()
+	text := strings.Repeat("x", size)
+	gone := map[*client]int{}
+	sent := 0
+	for ; sent < limit && (gone[b] == 0 || gone[c] == 0); sent++ {
+		b.send(text)
+		for _, r := range []*client{b, c} {
+			for {
+				line, err := r.readLine()
+				if err != nil {
+					t.Fatalf("%s after %d lines: %v", r.name, sent, err)
+				}
+				if line == slow.offline() {
+					gone[r]++
+					continue
+				}
+				if line != b.says(text) {
+					t.Fatalf("%s got %.40q, want the text", r.name, line)
+				}
+				break
+			}
+		}
+	}
+	if gone[b] != 1 || gone[c] != 1 {
+		t.Fatalf("after %d lines of %d bytes the slow reader's 已下线 came %d and %d times, want once each", sent, size, gone[b], gone[c])
+	}
+	t.Logf("slow reader dropped after %d lines of %d bytes", sent, size)
+	b.send("who")
+	b.expect(b.whoLine(), c.whoLine())
+}
+
+// ---- real loopback connections, where a pipe cannot show it ----
+
+func TestTCPSegmentation(t *testing.T) {
+	t.Parallel()
+	ts := startTCP(t, 0, 0)
+	a := ts.join()
+	b := ts.join(a)
+
+	for _, c := range []byte("one byte at a time\r\n") {
+		a.write(string(c))
+	}
+	a.expect(a.says("one byte at a time"))
+	b.expect(a.says("one byte at a time"))
+
+	var many strings.Builder
+	const n = 2000
+	for i := range n {
+		fmt.Fprintf(&many, "line %d\n", i)
+	}
+	a.write(many.String())
+	for i := range n {
+		a.expect(a.says(fmt.Sprintf("line %d", i)))
+		b.expect(a.says(fmt.Sprintf("line %d", i)))
+	}
+	a.sync()
+}
+
+func TestTCPHalfClose(t *testing.T) {
+	t.Parallel()
+	ts := startTCP(t, 0, 0)
+	a := ts.join()
+	b := ts.join(a)
+	a.write("who\nhello\nto|\nlast line, no newline")
+	if err := a.conn.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	// Every reply is delivered before the server closes.
+	a.expect(a.whoLine(), b.whoLine(), a.says("hello"), r4, a.says("last line, no newline"))
+	a.expectClosed()
+	b.expect(a.says("hello"), a.says("last line, no newline"), a.offline())
+	b.send("who")
+	b.expect(b.whoLine())
+}
+
+func TestTCPLongLines(t *testing.T) {
+	t.Parallel()
+	ts := startTCP(t, 0, 0)
+	a := ts.join()
+	a.send(strings.Repeat("x", maxLineBytes+1))
+	a.expect(r7)
+	a.sync()
+
+	// 10 MiB in one line: one R7, and the connection stays.
+	chunk := strings.Repeat("y", 64<<10)
+	for range 160 {
+		a.write(chunk)
+	}
+	a.write("\n")
+	a.expect(r7)
+	a.send("still here")
+	a.expect(a.says("still here"))
+}
+
+func TestTCPSlowReaderDropped(t *testing.T) {
+	t.Parallel()
+	ts := startTCP(t, 0, 0)
+	slow := ts.join()
+	// Keep the kernel's buffering for it small; the rest is the server's bound.
+	slow.conn.(*net.TCPConn).SetReadBuffer(4096)
+	b := ts.join()
+	c := ts.join(b)
+	// 1 MiB in the server plus what the kernel buffers (a few MiB on
+	// loopback) is well under 4000 lines of 4000 bytes.
+	slowReaderRun(t, slow, b, c, 4000, 4000)
+}
+
+func TestTCPMaxConns(t *testing.T) {
+	t.Parallel()
+	ts := startTCP(t, 0, 1)
+	a := ts.join()
+	full := ts.connect()
+	full.expect(r9)
+	full.expectClosed()
+	a.sync()
+}
+
+// ---- races ----
+
+// Of users racing for one free name, exactly one gets it.
+func TestRenameRace(t *testing.T) {
+	t.Parallel()
+	ts := startTCP(t, 0, 0)
+	var users []*client
+	for range 8 {
+		users = append(users, ts.join(users...))
+	}
+	for round := range 20 {
+		name := fmt.Sprintf("prize%d", round)
+		start := make(chan struct{})
+		replies := make(chan string, len(users))
+		var wg sync.WaitGroup
+		for _, u := range users {
+			wg.Go(func() {
+				<-start
+				u.conn.SetWriteDeadline(time.Now().Add(testTimeout))
+				if _, err := io.WriteString(u.conn, "rename|"+name+"\n"); err != nil {
+					replies <- "write: " + err.Error()
+					return
+				}
+				line, err := u.readLine()
+				if err != nil {
+					line = "read: " + err.Error()
+				}
+				replies <- line
+			})
+		}
+		close(start)
+		wg.Wait()
+		close(replies)
+		won := 0
+		for r := range replies {
+			switch r {
+			case r3 + name:
+				won++
+			case r2:
+			default:
+				t.Fatalf("round %d: reply %q", round, r)
+			}
+		}
+		if won != 1 {
+			t.Fatalf("round %d: %d users got the name, want 1", round, won)
+		}
+	}
+}
+
+// Users chat while others come and go: every user sees one and the same
+// order of lines, a newcomer's first line is its own 已上线, and who ends
+// exact.
+func TestChatOrder(t *testing.T) {
+	t.Parallel()
+	ts := startTCP(t, 0, 0)
+	const steady, perSender, churners, perChurner = 6, 40, 10, 3
+	var users []*client
+	for range steady {
+		users = append(users, ts.join(users...))
+	}
+
+	// Each steady user reads the lines that follow; all must be the same.
+	const want = steady*perSender + churners*(1+perChurner+1)
+	seen := make([]chan []string, steady)
+	for i, u := range users {
+		seen[i] = make(chan []string, 1)
+		go func() {
+			var lines []string
+			for len(lines) < want {
+				line, err := u.readLine()
+				if err != nil {
+					break
+				}
+				lines = append(lines, line)
+			}
+			seen[i] <- lines
+		}()
+	}
+
+	errs := make(chan error, steady+churners)
+	var wg sync.WaitGroup
+	for i, u := range users {
+		wg.Go(func() {
+			for j := range perSender {
+				if _, err := fmt.Fprintf(u.conn, "u%d m%d\n", i, j); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	for range churners {
+		wg.Go(func() {
+			conn, addr, err := ts.dial()
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer conn.Close()
+			c := &client{tb: t, conn: conn, r: bufio.NewReader(conn), addr: addr, name: addr}
+			if line, err := c.readLine(); err != nil || line != c.online() {
+				errs <- fmt.Errorf("newcomer's first line %q (%v), want %q", line, err, c.online())
+				return
+			}
+			for j := range perChurner {
+				if _, err := fmt.Fprintf(conn, "churn m%d\n", j); err != nil {
+					errs <- err
+					return
+				}
+			}
+			// Leave once our own lines are back, so they were handed out.
+			for j, k := 0, 0; j < perChurner && k < 10*want; k++ {
+				line, err := c.readLine()
+				if err != nil {
+					errs <- err
+					return
+				}
+				if strings.HasPrefix(line, c.prefix()+"churn m") {
+					j++
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+
+	var first []string
+	for i := range users {
+		lines := <-seen[i]
+		if len(lines) != want {
+			t.Fatalf("%s saw %d lines, want %d", users[i].name, len(lines), want)
+		}
+		if i == 0 {
+			first = lines
+			continue
+		}
+		for k := range lines {
+			if lines[k] != first[k] {
+				t.Fatalf("%s and %s differ at line %d: %q vs %q", users[0].name, users[i].name, k, first[k], lines[k])
+			}
+		}
+	}
+	users[0].send("who")
+	sorted := slices.Clone(users)
+	slices.SortFunc(sorted, func(a, b *client) int { return strings.Compare(a.name, b.name) })
+	for _, u := range sorted {
+		users[0].expect(u.whoLine())
+	}
+	users[0].sync()
+}
+
+// ---- the process: flags, -port 0, signals, exit status ----
+
+// startProcess runs the test binary as the server with args and returns
+// its command and its stderr, line by line.
+func startProcess(t *testing.T, args ...string) (*exec.Cmd, chan string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(os.Environ(), "CHAT_SERVER_MAIN=1")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan string, 1000)
+	go func() {
+		defer close(lines)
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	return cmd, lines
+}
+
+func waitLine(t *testing.T, lines chan string, substr string) string {
+	t.Helper()
+	timeout := time.After(testTimeout)
+	for {
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				t.Fatalf("stderr ended before a line with %q", substr)
+			}
+			if strings.Contains(l, substr) {
+				return l
+			}
+		case <-timeout:
+			t.Fatalf("no line with %q on stderr", substr)
+		}
+	}
+}
+
+func TestProcessStartAndSignal(t *testing.T) {
+	t.Parallel()
+	for _, sig := range []os.Signal{os.Interrupt, syscall.SIGTERM} {
+		t.Run(sig.String(), func(t *testing.T) {
+			t.Parallel()
+			cmd, stderr := startProcess(t, "-port", "0", "-idle", "0")
+			line := waitLine(t, stderr, "msg=listening")
+			_, addr, ok := strings.Cut(line, "addr=")
+			if !ok || strings.HasSuffix(addr, ":0") {
+				t.Fatalf("listening line %q does not give the real address", line)
+			}
+			ts := &testServer{tb: t, dial: func() (net.Conn, string, error) {
+				c, err := net.DialTimeout("tcp", addr, testTimeout)
+				if err != nil {
+					return nil, "", err
+				}
+				return c, c.LocalAddr().String(), nil
+			}}
+			a := ts.join()
+			b := ts.join(a)
+			b.send("bye")
+			a.expect(b.says("bye"))
+			b.expect(b.says("bye"))
+
+			start := time.Now()
+			if err := cmd.Process.Signal(sig); err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range []*client{a, b} {
+				c.expect(r10)
+				c.expectClosed()
+			}
+			waitLine(t, stderr, "msg=shutdown")
+			if err := cmd.Wait(); err != nil {
+				t.Fatalf("exit: %v, want status 0", err)
+			}
+			if d := time.Since(start); d > 5*time.Second {
+				t.Errorf("exit took %v, want at most 5s", d)
+			}
+		})
+	}
+}
+
+func TestProcessBadFlags(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		args []string
+		code int
+		want string // in the one line on stderr
+	}{
+		{[]string{"-port", "70000"}, 2, "-port"},
+		{[]string{"-port", "-1"}, 2, "-port"},
+		{[]string{"-port", "http"}, 2, "-port"},
+		{[]string{"-idle", "-5s"}, 2, "-idle"},
+		{[]string{"-idle", "soon"}, 2, "-idle"},
+		{[]string{"-max-conns", "-1"}, 2, "-max-conns"},
+		{[]string{"-max-conns", "many"}, 2, "-max-conns"},
+		{[]string{"-verbose"}, 2, "verbose"},
+		{[]string{"extra"}, 2, "extra"},
+		{[]string{"-ip", "192.0.2.1", "-port", "0"}, 1, "192.0.2.1"},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			t.Parallel()
+			cmd := exec.Command(os.Args[0], tt.args...)
+			cmd.Env = append(os.Environ(), "CHAT_SERVER_MAIN=1")
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			cmd.WaitDelay = testTimeout
+			err := cmd.Run()
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() != tt.code {
+				t.Fatalf("exit %v, want status %d", err, tt.code)
+			}
+			out := stderr.String()
+			if strings.Count(out, "\n") != 1 || !strings.Contains(out, tt.want) {
+				t.Errorf("stderr %q, want one line naming %q", out, tt.want)
+			}
+		})
+	}
+}
+
+func TestProcessHelp(t *testing.T) {
+	t.Parallel()
+	cmd := exec.Command(os.Args[0], "-h")
+	cmd.Env = append(os.Environ(), "CHAT_SERVER_MAIN=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("-h: %v", err)
+	}
+	for _, flag := range []string{"-ip", "-port", "-idle", "-max-conns"} {
+		if !strings.Contains(string(out), flag) {
+			t.Errorf("-h does not explain %s:\n%s", flag, out)
+		}
+	}
+}
+
+// ---- pure functions: tables and fuzzing ----
+
+func TestParseCommand(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		line       string
+		kind       cmdKind
+		name, text string
+	}{
+		{"", cmdEmpty, "", ""},
+		{"who", cmdWho, "", ""},
+		{"who ", cmdText, "", "who "},
+		{"hello", cmdText, "", "hello"},
+		{"rename|", cmdRename, "", ""},
+		{"rename|bob", cmdRename, "bob", ""},
+		{"rename|a|b", cmdRename, "a|b", ""},
+		{"to|", cmdTo, "", ""},
+		{"to|x", cmdTo, "x", ""},
+		{"to|x|", cmdTo, "x", ""},
+		{"to||hi", cmdTo, "", "hi"},
+		{"to|x|a|b", cmdTo, "x", "a|b"},
+		{"To|x|y", cmdText, "", "To|x|y"},
+	}
+	for _, tt := range tests {
+		got := parseCommand([]byte(tt.line))
+		if got.kind != tt.kind || string(got.name) != tt.name || string(got.text) != tt.text {
+			t.Errorf("parseCommand(%q) = {%d %q %q}, want {%d %q %q}", tt.line, got.kind, got.name, got.text, tt.kind, tt.name, tt.text)
+		}
+	}
+}
+
+func TestValidName(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		ok   bool
+	}{
+		{"bob", true},
+		{"张三", true},
+		{strings.Repeat("é", 32), true},
+		{strings.Repeat("é", 33), false},
+		{"", false},
+		{"a b", false},
+		{"a\u00a0b", false},
+		{"a\u2028b", false},
+		{"a|b", false},
+		{"a:b", false},
+		{"[b", false},
+		{"b]", false},
+		{"127.0.0.1:5", false},
+		{"[::1]:5", false},
+		{"a\x01b", false},
+		{"a\xffb", false},
+	}
+	for _, tt := range tests {
+		if got := validName([]byte(tt.name)); got != tt.ok {
+			t.Errorf("validName(%q) = %v, want %v", tt.name, got, tt.ok)
+		}
+	}
+}
+
+// referenceClean is PROTOCOL.md's clean-up, done the obvious way.
+func referenceClean(line string) string {
+	return strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) && r != '\t' {
+			return -1
+		}
+		return r
+	}, strings.ToValidUTF8(line, "\uFFFD"))
+}
+
+func clean(line []byte) []byte {
+	if !needsCleaning(line) {
+		return line
+	}
+	return appendClean(nil, line)
+}
+
+func FuzzClean(f *testing.F) {
+	for _, s := range []string{"", "plain", "\x1b[31m", "a\rb", "\xff\xfe", "\xff\x01\xff", "\u0085", "\u009f\u00a0", "\xc2", "\xed\xa0\x80", "\t", "你好\x00", "\uFFFD\xff"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, line []byte) {
+		got := clean(line)
+		if want := referenceClean(string(line)); string(got) != want {
+			t.Fatalf("clean(%q) = %q, want %q", line, got, want)
+		}
+		if !needsCleaning(line) && !bytes.Equal(got, line) {
+			t.Fatalf("a line that needs no cleaning changed: %q", line)
+		}
+	})
+}
+
+func FuzzParseCommand(f *testing.F) {
+	for _, s := range []string{"", "who", "who ", "WHO", "rename|", "rename|x", "rename|a|b", "to|", "to|x", "to||y", "to|x|y|z", "to|x|", "|", "to"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, line string) {
+		cmd := parseCommand([]byte(line))
+		var back string
+		switch cmd.kind {
+		case cmdEmpty:
+			back = ""
+		case cmdWho:
+			back = "who"
+		case cmdRename:
+			back = "rename|" + string(cmd.name)
+			validName(cmd.name)
+		case cmdTo:
+			back = "to|" + string(cmd.name)
+			if strings.Count(line, "|") >= 2 {
+				back += "|" + string(cmd.text)
+			}
+			if bytes.IndexByte(cmd.name, '|') >= 0 {
+				t.Fatalf("to| name %q holds a pipe", cmd.name)
+			}
+		case cmdText:
+			back = string(cmd.text)
+			if line == "who" || strings.HasPrefix(line, "rename|") || strings.HasPrefix(line, "to|") {
+				t.Fatalf("%q parsed as text", line)
+			}
+		}
+		if back != line {
+			t.Fatalf("parseCommand(%q) = %+v, which gives back %q", line, cmd, back)
+		}
+	})
+}
+
+// chunkReader returns data in pieces of at most size bytes, then EOF.
+type chunkReader struct {
+	data []byte
+	size int
+}
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	if len(r.data) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), r.size)], r.data)
+	r.data = r.data[n:]
+	return n, nil
+}
+
+// referenceLines is what lineReader must return for data, read at once:
+// the lines, with "!" standing for errLineTooLong.
+func referenceLines(data []byte) []string {
+	var out []string
+	for len(data) > 0 {
+		line, rest, found := bytes.Cut(data, []byte("\n"))
+		data = rest
+		content := trimCR(line)
+		switch {
+		case len(content) <= maxLineBytes:
+			out = append(out, string(content))
+		case found:
+			out = append(out, "!", "") // R7, then its "\n" as an empty line
+		default:
+			out = append(out, "!")
+		}
+	}
+	return out
+}
+
+func readAllLines(t *testing.T, rd io.Reader) []string {
+	lr := lineReader{rd: rd}
+	var out []string
+	for range 1 << 20 {
+		line, err := lr.next()
+		switch {
+		case err == errLineTooLong:
+			out = append(out, "!")
+		case err == io.EOF:
+			return out
+		case err != nil:
+			t.Fatalf("next: %v", err)
+		default:
+			out = append(out, string(line))
+		}
+		if len(lr.buf) > bigReadBytes {
+			t.Fatalf("buffer grew to %d bytes", len(lr.buf))
+		}
+	}
+	t.Fatal("lineReader did not end")
+	return nil
+}
+
+func FuzzReadLine(f *testing.F) {
+	max := strings.Repeat("x", maxLineBytes)
+	for _, s := range []string{"", "a\n", "a\r\n", "a", "a\r", "\n\n", "a\nb", max + "\n", max + "\r\n", max + "y\n", max + "\r", max + "\ry\n", max + "yy", max + max + "\nz\n"} {
+		f.Add([]byte(s), uint16(1))
+		f.Add([]byte(s), uint16(7))
+		f.Add([]byte(s), uint16(600))
+	}
+	f.Fuzz(func(t *testing.T, data []byte, size uint16) {
+		if size == 0 {
+			size = 1
+		}
+		got := readAllLines(t, &chunkReader{data: data, size: int(size)})
+		want := referenceLines(data)
+		if strings.Join(got, "\x00") != strings.Join(want, "\x00") || len(got) != len(want) {
+			t.Fatalf("lines of %q in pieces of %d:\n got %q\nwant %q", data, size, got, want)
+		}
+	})
+}
+
+// ---- benchmarks ----
+
+// sinkConn takes every write at once and counts the lines; reads wait
+// until it is closed. It lets a benchmark time the server alone.
+type sinkConn struct {
+	addr    net.Addr
+	closed  chan struct{}
+	once    sync.Once
+	mu      sync.Mutex
+	lines   int64
+	want    int64
+	reached chan struct{} // closed when lines reaches want
+}
+
+func newSink(port int) *sinkConn {
+	return &sinkConn{addr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}, closed: make(chan struct{})}
+}
+
+func (c *sinkConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.lines += int64(bytes.Count(p, []byte("\n")))
+	if c.reached != nil && c.lines >= c.want {
+		close(c.reached)
+		c.reached = nil
+	}
+	return len(p), nil
+}
+
+// await returns a channel closed once the sink has want lines in all.
+func (c *sinkConn) await(want int64) <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ch := make(chan struct{})
+	if c.lines >= want {
+		close(ch)
+		return ch
+	}
+	c.want, c.reached = want, ch
+	return ch
+}
+
+func (c *sinkConn) count() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lines
+}
+
+func (c *sinkConn) Read([]byte) (int, error) {
+	<-c.closed
+	return 0, io.EOF
+}
+
+func (c *sinkConn) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return nil
+}
+
+func (c *sinkConn) LocalAddr() net.Addr              { return c.addr }
+func (c *sinkConn) RemoteAddr() net.Addr             { return c.addr }
+func (c *sinkConn) SetDeadline(time.Time) error      { return nil }
+func (c *sinkConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *sinkConn) SetWriteDeadline(time.Time) error { return nil }
+
+// benchRoom is a server with n users on sinks, their writers running,
+// everyone's 已上线 already written.
+func benchRoom(b *testing.B, n int) (*Server, []*User, []*sinkConn) {
+	s := NewServer(slog.New(slog.NewTextHandler(io.Discard, nil)), 0, 0)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.ListenMessager(ctx)
+	}()
+	users := make([]*User, n)
+	sinks := make([]*sinkConn, n)
+	for i := range users {
+		sinks[i] = newSink(10000 + i)
+		users[i] = newUser(s, sinks[i])
+		s.wg.Go(func() { users[i].ListenMessage(ctx) })
+		s.Online(users[i])
+	}
+	waitSinks(b, sinks, func(i int) int64 { return int64(n - i) })
+	b.Cleanup(func() {
+		cancel()
+		s.wg.Wait()
+		s.message <- message{kind: msgStop}
+		<-done
+	})
+	return s, users, sinks
+}
+
+// waitSinks waits until each sink i has received want(i) lines in all.
+func waitSinks(b *testing.B, sinks []*sinkConn, want func(i int) int64) {
+	b.Helper()
+	timeout := time.After(time.Minute)
+	for i, c := range sinks {
+		select {
+		case <-c.await(want(i)):
+		case <-timeout:
+			b.Fatalf("sink %d has %d lines, want %d", i, c.count(), want(i))
+		}
+	}
+}
+
+func BenchmarkBroadcast(b *testing.B) {
+	for _, n := range []int{10, 100, 1000} {
+		b.Run(fmt.Sprintf("users=%d", n), func(b *testing.B) {
+			s, users, sinks := benchRoom(b, n)
+			text := []byte(strings.Repeat("x", 100))
+			before := make([]int64, n)
+			for i, c := range sinks {
+				before[i] = c.count()
+			}
+			b.ReportAllocs()
+			start := time.Now()
+			lines := 0
+			for b.Loop() {
+				s.BroadCast(users[0], text)
+				lines++
+			}
+			waitSinks(b, sinks, func(i int) int64 { return before[i] + int64(lines) })
+			b.ReportMetric(float64(n*lines)/time.Since(start).Seconds(), "deliveries/s")
+		})
+	}
+}
+
+func BenchmarkWhisper(b *testing.B) {
+	_, users, sinks := benchRoom(b, 2)
+	from := users[0]
+	to := []byte(users[1].Name)
+	text := []byte(strings.Repeat("x", 100))
+	before := sinks[1].count()
+	b.ReportAllocs()
+	start := time.Now()
+	lines := 0
+	for b.Loop() {
+		from.whisper(to, text)
+		lines++
+	}
+	waitSinks(b, sinks[1:], func(int) int64 { return before + int64(lines) })
+	b.ReportMetric(float64(lines)/time.Since(start).Seconds(), "whispers/s")
+}
+
+func BenchmarkWho(b *testing.B) {
+	s := NewServer(slog.New(slog.NewTextHandler(io.Discard, nil)), 0, 0)
+	for i := range 1000 {
+		u := newUser(s, newSink(10000+i))
+		s.OnlineMap[u.Name] = u
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if out := s.who(); len(out) == 0 {
+			b.Fatal("empty who")
+		}
+	}
+}
+
+// loopReader hands out data over and over, as much as fits.
+type loopReader struct {
+	data []byte
+	off  int
+}
+
+func (r *loopReader) Read(p []byte) (int, error) {
+	n := copy(p, r.data[r.off:])
+	r.off = (r.off + n) % len(r.data)
+	return n, nil
+}
+
+func BenchmarkReadLine(b *testing.B) {
+	for _, tc := range []struct{ name, line string }{
+		{"ascii", "hello, this is a plain ASCII chat line of a typical length"},
+		{"chinese", "你好，这是一行普通长度的中文聊天消息，没有控制字符"},
+		{"dirty", "\x1b[31mred\x1b[0m and \xff\xfe bytes\r"},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			data := bytes.Repeat([]byte(tc.line+"\n"), 1000)
+			lr := lineReader{rd: &loopReader{data: data}}
+			scratch := &buffer{}
+			b.SetBytes(int64(len(tc.line) + 1))
+			b.ReportAllocs()
+			for b.Loop() {
+				line, err := lr.next()
+				if err != nil {
+					b.Fatal(err)
+				}
+				if needsCleaning(line) {
+					scratch.b = appendClean(scratch.b[:0], line)
+					line = scratch.b
+				}
+				if parseCommand(line).kind != cmdText {
+					b.Fatal("not text")
+				}
+			}
+		})
+	}
+}
