@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"os/signal"
@@ -27,10 +28,13 @@ func main() {
 // a clean stop, 1 when the server cannot run, and 2 for bad flags.
 func run(args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
-	ip := fs.String("ip", "127.0.0.1", "address to listen on")
-	port := fs.Int("port", 8888, "TCP port to listen on, 0 to pick a free one")
-	idle := fs.Duration("idle", 5*time.Minute, "kick a user who sends no line for this long (e.g. 10s, 5m), 0 to never kick")
-	maxConns := fs.Int("max-conns", 10000, "most users online at once, 0 for no limit")
+	ip := fs.String("ip", "127.0.0.1", "`address` to listen on")
+	port := rangeFlag{v: 8888, max: 65535}
+	fs.Var(&port, "port", "TCP `port` to listen on, 0 to pick a free one")
+	idle := durationFlag(5 * time.Minute)
+	fs.Var(&idle, "idle", "kick a user who sends no line for this `duration` (10s, 5m, 1h30m), 0 to never kick")
+	maxConns := rangeFlag{v: 10000, max: math.MaxInt32}
+	fs.Var(&maxConns, "max-conns", "most `users` online at once, 0 for no limit")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: server [-ip 127.0.0.1] [-port 8888] [-idle 5m] [-max-conns 10000]\n\n"+
 			"A TCP chat server. Connect with: nc 127.0.0.1 8888\n\n")
@@ -45,8 +49,8 @@ func run(args []string, stderr io.Writer) int {
 		fs.Usage()
 		return 0
 	}
-	if err == nil {
-		err = checkFlags(fs.Args(), *port, *idle, *maxConns)
+	if err == nil && fs.NArg() > 0 {
+		err = fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "server: %v (see server -h)\n", err)
@@ -54,7 +58,7 @@ func run(args []string, stderr io.Writer) int {
 	}
 
 	log := slog.New(slog.NewTextHandler(stderr, nil))
-	ln, err := net.Listen("tcp", net.JoinHostPort(*ip, strconv.Itoa(*port)))
+	ln, err := net.Listen("tcp", net.JoinHostPort(*ip, strconv.Itoa(port.v)))
 	if err != nil {
 		fmt.Fprintf(stderr, "server: %v\n", err)
 		return 1
@@ -64,23 +68,38 @@ func run(args []string, stderr io.Writer) int {
 	// After the first signal, a second one kills the process at once.
 	context.AfterFunc(ctx, stop)
 
-	if err := NewServer(log, *idle, *maxConns).Serve(ctx, ln); err != nil {
+	if err := NewServer(log, time.Duration(idle), maxConns.v).Serve(ctx, ln); err != nil {
 		fmt.Fprintf(stderr, "server: %v\n", err)
 		return 1
 	}
 	return 0
 }
 
-func checkFlags(rest []string, port int, idle time.Duration, maxConns int) error {
-	switch {
-	case len(rest) > 0:
-		return fmt.Errorf("unexpected argument %q", rest[0])
-	case port < 0 || port > 65535:
-		return fmt.Errorf("invalid value %d for flag -port: not in 0..65535", port)
-	case idle < 0:
-		return fmt.Errorf("invalid value %v for flag -idle: negative", idle)
-	case maxConns < 0:
-		return fmt.Errorf("invalid value %d for flag -max-conns: negative", maxConns)
+// rangeFlag is a whole number from 0 to max.
+type rangeFlag struct{ v, max int }
+
+func (f *rangeFlag) String() string { return strconv.Itoa(f.v) }
+
+func (f *rangeFlag) Set(s string) error {
+	v, err := strconv.Atoi(s)
+	if err != nil || v < 0 || v > f.max {
+		return fmt.Errorf("want a whole number from 0 to %d", f.max)
 	}
+	f.v = v
+	return nil
+}
+
+// durationFlag is a duration of 0 or more. time.ParseDuration's own error
+// does not say that the unit is required.
+type durationFlag time.Duration
+
+func (f *durationFlag) String() string { return time.Duration(*f).String() }
+
+func (f *durationFlag) Set(s string) error {
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 {
+		return errors.New("want a duration of 0 or more with its unit, such as 10s or 5m")
+	}
+	*f = durationFlag(d)
 	return nil
 }

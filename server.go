@@ -30,6 +30,8 @@ const (
 	// shutdownTimeout bounds how long Serve waits for its connections once
 	// it stops: the process must be gone within 5 s of the signal.
 	shutdownTimeout = 4 * time.Second
+	// rejectLinger bounds the time spent on a connection turned away with R9.
+	rejectLinger = time.Second
 	// messageQueue is the capacity of the broadcast channel. A reader that
 	// finds it full waits; ListenMessager never blocks, so the wait lasts
 	// only as long as the lines ahead of it take to hand out.
@@ -164,8 +166,16 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 // reject tells a connection the server is full, and closes it.
 func (s *Server) reject(conn net.Conn) {
 	s.log.Info("reject", "addr", conn.RemoteAddr().String(), "reason", "server full")
-	conn.SetWriteDeadline(time.Now().Add(flushTimeout))
+	conn.SetDeadline(time.Now().Add(rejectLinger))
 	conn.Write(replyFull)
+	// Close our side first and read what the client had already sent:
+	// closing with input unread would reset the connection, and a reset
+	// can destroy R9 before the client reads it.
+	if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+		var buf [512]byte
+		discard(conn, buf[:])
+	}
 	conn.Close()
 }
 
@@ -329,10 +339,8 @@ type bufferPool struct {
 	size, max int
 }
 
-var (
-	lineBufs = &bufferPool{size: 256, max: 16 << 10} // one formatted line
-	outBufs  = &bufferPool{size: 512, max: 64 << 10} // a user's unsent output
-)
+// lineBufs holds the formatted lines on their way to ListenMessager.
+var lineBufs = &bufferPool{size: 256, max: 16 << 10}
 
 func (p *bufferPool) get() *buffer {
 	if b, ok := p.pool.Get().(*buffer); ok {

@@ -247,10 +247,10 @@ func (c *client) expect(want ...string) {
 	for _, w := range want {
 		got, err := c.readLine()
 		if err != nil {
-			c.tb.Fatalf("%s: want %q, got error %v (partial %q)", c.name, w, err, got)
+			c.tb.Fatalf("%s: want %.80q, got error %v (partial %.80q)", c.name, w, err, got)
 		}
 		if got != w {
-			c.tb.Fatalf("%s: got line %q, want %q", c.name, got, w)
+			c.tb.Fatalf("%s: got line %.80q, want %.80q", c.name, got, w)
 		}
 	}
 }
@@ -621,6 +621,61 @@ func TestSlowReaderDropped(t *testing.T) {
 		if !strings.Contains(ts.logs.String(), "msg=drop") {
 			t.Errorf("no drop in the log:\n%s", ts.logs.String())
 		}
+	})
+}
+
+// The bound counts what still waits, not what the client has already
+// taken: a client that keeps reading is not dropped for a burst that,
+// with what it has not read yet, stays under maxQueuedBytes.
+func TestReadingClientNotDropped(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, 0, 0)
+		a := ts.join()
+		c := ts.join(a)
+		text := strings.Repeat("x", 4000)
+		whisper := c.name + "对您说:" + text
+		const lines = maxQueuedBytes / 5000 // about 800 KB
+		for range lines {
+			c.send("to|" + a.name + "|" + text)
+		}
+		synctest.Wait()
+		for range lines * 3 / 4 {
+			a.expect(whisper)
+		}
+		// The writer is part way through a batch; once its write slice
+		// ends it counts only what a has not read.
+		time.Sleep(writeSlice)
+		for range lines * 3 / 4 {
+			c.send("to|" + a.name + "|" + text)
+		}
+		for range lines { // the rest of the first lot, and the second
+			a.expect(whisper)
+		}
+		a.sync()
+		if strings.Contains(ts.logs.String(), "msg=drop") {
+			t.Errorf("a reading client was dropped:\n%s", ts.logs.String())
+		}
+	})
+}
+
+// A kicked client that does not read leaves who at once, not after its
+// last flush gives up.
+func TestKickedNonReaderLeavesAtOnce(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		const idle = time.Minute
+		start := time.Now()
+		ts := startPipe(t, idle, 0)
+		deaf := ts.connect()
+		time.Sleep(idle - time.Second)
+		watcher := ts.join()
+		watcher.expect(deaf.offline())
+		if got := time.Since(start); got != idle {
+			t.Errorf("left after %v, want %v", got, idle)
+		}
+		watcher.send("who")
+		watcher.expect(watcher.whoLine())
 	})
 }
 

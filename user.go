@@ -31,10 +31,11 @@ type User struct {
 	idx      int // position in srv.members; owned by ListenMessager
 
 	// Owned by ListenMessage.
-	sending       *buffer   // the batch being written
-	unsent        []byte    // what of it the kernel has not taken yet
-	final         bool      // the queue is sealed: the deadline is the last one
-	writeDeadline time.Time // when the current write slice ends
+	sending       [][]byte    // the chunks being written
+	iov           [][]byte    // backing array of unsent
+	unsent        net.Buffers // what of them the kernel has not taken yet
+	final         bool        // the queue is sealed: the deadline is the last one
+	writeDeadline time.Time   // when the current write slice ends
 }
 
 // writeSlice bounds one conn.Write while the user is open. A client that
@@ -70,8 +71,15 @@ func (u *User) serve(ctx context.Context) {
 	case err != nil:
 		u.leaving("read failed: " + err.Error())
 	}
-	u.in.release()
 	s.Offline(ctx, u, *u.reason.Load())
+	if err == nil {
+		// Told to go: read on, dropping what comes, until the writer has
+		// closed the connection. Closing with input unread would reset it,
+		// and a reset can destroy R8 or R10 before the client reads it.
+		u.conn.SetReadDeadline(time.Time{})
+		discard(u.conn, u.in.small[:])
+	}
+	u.in.release()
 }
 
 // readLines runs u's lines until reading fails or u is told to go. Once u
@@ -240,13 +248,33 @@ func (u *User) checkIdle(timer *time.Timer) {
 	}
 	if u.leaving("idle") {
 		s.log.Info("kick", "addr", u.Addr, "idle", s.idle)
-		u.out.seal(replyKicked)
+		u.tell(replyKicked)
 	}
 }
 
 func (u *User) stop() {
 	u.leaving("server stopping")
-	u.out.seal(replyStopping)
+	u.tell(replyStopping)
+}
+
+// tell seals u's queue with final as its last line and wakes the reader, so
+// that u leaves the room now rather than once the last flush is done.
+func (u *User) tell(final []byte) {
+	u.out.seal(final)
+	u.conn.SetReadDeadline(aLongTimeAgo)
+}
+
+// aLongTimeAgo is a deadline that has passed: it ends a blocked read at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// discard reads and drops what conn sends until reading fails: at EOF, at
+// a deadline, or when conn is closed.
+func discard(conn net.Conn, buf []byte) {
+	for {
+		if _, err := conn.Read(buf); err != nil {
+			return
+		}
+	}
 }
 
 type flushState uint8
@@ -266,14 +294,17 @@ func (u *User) flush() flushState {
 			u.conn.SetWriteDeadline(time.Now().Add(flushTimeout))
 		}
 		if len(u.unsent) == 0 {
+			freeChunks(u.sending)
 			u.sending = u.out.take(u.sending)
-			if u.sending == nil {
+			if len(u.sending) == 0 {
+				u.sending, u.iov = shrink(u.sending), shrink(u.iov)
 				if u.final {
 					return closed
 				}
 				return flushed
 			}
-			u.unsent = u.sending.b
+			u.iov = append(u.iov[:0], u.sending...)
+			u.unsent = u.iov
 		}
 		if !u.final {
 			if now := time.Now(); u.writeDeadline.Sub(now) < writeSlice/2 {
@@ -281,8 +312,7 @@ func (u *User) flush() flushState {
 				u.conn.SetWriteDeadline(u.writeDeadline)
 			}
 		}
-		n, err := u.conn.Write(u.unsent)
-		u.unsent = u.unsent[n:]
+		err := u.write()
 		switch {
 		case err == nil:
 		case !u.final && errors.Is(err, os.ErrDeadlineExceeded):
@@ -290,25 +320,44 @@ func (u *User) flush() flushState {
 		default:
 			u.leaving("write failed: " + err.Error())
 			u.out.seal(nil)
-			u.sending = u.out.take(u.sending)
-			if u.sending != nil {
-				outBufs.put(u.sending)
-			}
-			u.sending, u.unsent = nil, nil
+			freeChunks(u.sending)
+			freeChunks(u.out.take(nil))
+			u.sending, u.iov, u.unsent = nil, nil, nil
 			return closed
 		}
 	}
 }
 
+// write hands u.unsent to the kernel: one chunk with write, several with
+// one writev. What the kernel did not take stays in u.unsent, and only
+// that still counts against maxQueuedBytes.
+func (u *User) write() error {
+	var n int64
+	var err error
+	if len(u.unsent) == 1 {
+		var k int
+		k, err = u.conn.Write(u.unsent[0])
+		if u.unsent[0] = u.unsent[0][k:]; len(u.unsent[0]) == 0 {
+			u.unsent = u.unsent[:0]
+		}
+		n = int64(k)
+	} else {
+		n, err = u.unsent.WriteTo(u.conn)
+	}
+	u.out.inflight.Add(-n)
+	return err
+}
+
 // outbox is a user's queue of unsent bytes. Its bound is in bytes, which a
 // channel of lines cannot express (and a channel deep enough for 1 MiB of
-// short lines would cost every user its whole depth up front), so the lines
-// wait in a buffer and a channel of capacity one says there is something
-// to write.
+// short lines would cost every user that depth up front), so the bytes
+// wait in chunks and a channel of capacity one says there is something to
+// write.
 type outbox struct {
 	mu       sync.Mutex
-	pending  *buffer // nil when nothing waits
-	inflight int     // bytes taken by the writer and not yet written
+	pending  [][]byte     // chunks in order; the last may have room
+	queued   int          // bytes in pending
+	inflight atomic.Int64 // bytes taken by the writer and not yet written
 	sealed   atomic.Bool
 	wake     chan struct{}
 }
@@ -321,29 +370,35 @@ func (o *outbox) push(line []byte) bool {
 		o.mu.Unlock()
 		return true
 	}
-	queued := o.inflight + len(line)
-	if o.pending != nil {
-		queued += len(o.pending.b)
-	}
-	if queued > maxQueuedBytes {
+	if o.queued+int(o.inflight.Load())+len(line) > maxQueuedBytes {
 		o.sealed.Store(true)
-		if o.pending != nil {
-			outBufs.put(o.pending)
-			o.pending = nil
-		}
+		freeChunks(o.pending)
+		o.pending, o.queued = nil, 0
 		o.mu.Unlock()
 		return false
 	}
-	first := o.pending == nil
-	if first {
-		o.pending = outBufs.get()
-	}
-	o.pending.b = append(o.pending.b, line...)
+	first := len(o.pending) == 0
+	o.appendLocked(line)
 	o.mu.Unlock()
 	if first {
 		o.signal()
 	}
 	return true
+}
+
+func (o *outbox) appendLocked(line []byte) {
+	o.queued += len(line)
+	for len(line) > 0 {
+		n := len(o.pending)
+		if n == 0 || len(o.pending[n-1]) == cap(o.pending[n-1]) {
+			o.pending = append(o.pending, newChunk(n == 0))
+			n++
+		}
+		last := o.pending[n-1]
+		k := copy(last[len(last):cap(last)], line)
+		o.pending[n-1] = last[:len(last)+k]
+		line = line[k:]
+	}
 }
 
 func (o *outbox) signal() {
@@ -358,31 +413,63 @@ func (o *outbox) seal(final []byte) {
 	o.mu.Lock()
 	if !o.sealed.Load() {
 		o.sealed.Store(true)
-		if final != nil {
-			if o.pending == nil {
-				o.pending = outBufs.get()
-			}
-			o.pending.b = append(o.pending.b, final...)
-		}
+		o.appendLocked(final)
 	}
 	o.mu.Unlock()
 	o.signal()
 }
 
-// take frees done, the batch the writer has just written (if any), and
-// hands the writer everything that waits now, or nil.
-func (o *outbox) take(done *buffer) *buffer {
-	if done != nil {
-		outBufs.put(done)
-	}
+// take hands the writer every chunk that waits, in spare's place.
+func (o *outbox) take(spare [][]byte) [][]byte {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	b := o.pending
-	o.pending, o.inflight = nil, 0
-	if b != nil {
-		o.inflight = len(b.b)
+	chunks := o.pending
+	o.pending = spare[:0]
+	o.inflight.Store(int64(o.queued))
+	o.queued = 0
+	return chunks
+}
+
+// Chunks come in two fixed sizes, each from its own pool, so a chunk that
+// served one user's burst never sits half empty in another's queue: a
+// user's first chunk is small (a line, or the few of a connect storm), the
+// ones after it are big (a burst, handed to the kernel in one writev).
+const (
+	smallChunk = 512
+	bigChunk   = 16 << 10
+)
+
+var (
+	smallChunks = sync.Pool{New: func() any { return new([smallChunk]byte) }}
+	bigChunks   = sync.Pool{New: func() any { return new([bigChunk]byte) }}
+)
+
+func newChunk(first bool) []byte {
+	if first {
+		return smallChunks.Get().(*[smallChunk]byte)[:0]
 	}
-	return b
+	return bigChunks.Get().(*[bigChunk]byte)[:0]
+}
+
+func freeChunks(chunks [][]byte) {
+	for i, c := range chunks {
+		switch cap(c) {
+		case smallChunk:
+			smallChunks.Put((*[smallChunk]byte)(c[:smallChunk]))
+		case bigChunk:
+			bigChunks.Put((*[bigChunk]byte)(c[:bigChunk]))
+		}
+		chunks[i] = nil
+	}
+}
+
+// shrink keeps a short list for reuse and lets a long one (left by a
+// burst) go, so that an idle user holds nothing a burst grew.
+func shrink(list [][]byte) [][]byte {
+	if cap(list) > 8 {
+		return nil
+	}
+	return list[:0]
 }
 
 // Reading lines.
