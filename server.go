@@ -67,8 +67,11 @@ type Server struct {
 
 	conns   atomic.Int64 // connections counted against maxConns
 	message chan message // drained by ListenMessager alone
-	members []*User      // who gets broadcasts; owned by ListenMessager
 	wg      sync.WaitGroup
+
+	// Owned by ListenMessager.
+	members  []*User // who gets broadcasts
+	stopping bool    // the server stops: newcomers are told so, leavers are not announced
 }
 
 // NewServer returns a server that logs to log, kicks users idle for idle
@@ -87,11 +90,12 @@ func NewServer(log *slog.Logger, idle time.Duration, maxConns int) *Server {
 type msgKind uint8
 
 const (
-	msgAll   msgKind = iota // line goes to every member
-	msgTo                   // line goes to user alone
-	msgJoin                 // user becomes a member, then line goes to every member
-	msgLeave                // user stops being a member, then line goes to the rest
-	msgStop                 // ListenMessager returns
+	msgAll      msgKind = iota // line goes to every member
+	msgTo                      // line goes to user alone
+	msgJoin                    // user becomes a member, then line goes to every member
+	msgLeave                   // user stops being a member, then line goes to the rest
+	msgShutdown                // every member, and every later newcomer, is told the server stops
+	msgStop                    // ListenMessager returns
 )
 
 // message is one line for ListenMessager to hand out. Every line a user
@@ -116,14 +120,13 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	listenerDone := make(chan struct{})
 	go func() {
 		defer close(listenerDone)
-		s.ListenMessager(ctx)
+		s.ListenMessager()
 	}()
 
 	s.log.Info("listening", "addr", ln.Addr().String())
 	err := s.accept(ctx, ln)
-	cancel()
 	s.log.Info("shutdown", "users", s.conns.Load())
-
+	s.message <- message{kind: msgShutdown}
 	if !waitTimeout(&s.wg, shutdownTimeout) {
 		s.log.Warn("shutdown timed out", "users", s.conns.Load())
 	}
@@ -157,9 +160,12 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 			s.wg.Go(func() { s.reject(conn) })
 			continue
 		}
+		// Everything here (the log line, the idle timer) runs on this one
+		// goroutine's stack rather than on u's two, which then stay small.
 		u := newUser(s, conn)
-		s.wg.Go(func() { u.serve(ctx) })
-		s.wg.Go(func() { u.ListenMessage(ctx) })
+		s.log.Info("connect", "addr", u.Addr)
+		s.wg.Go(u.serve)
+		s.wg.Go(u.ListenMessage)
 	}
 }
 
@@ -181,7 +187,6 @@ func (s *Server) reject(conn net.Conn) {
 
 // Online announces u to everyone, u first of all, and makes its name known.
 func (s *Server) Online(u *User) {
-	s.log.Info("connect", "addr", u.Addr)
 	// The join goes into the queue before the name is in OnlineMap: a
 	// whisper to u can only be queued after the name is found, so it can
 	// never reach u before its own 已上线.
@@ -193,9 +198,9 @@ func (s *Server) Online(u *User) {
 	s.mu.Unlock()
 }
 
-// Offline removes u from the room and tells the rest, unless the server is
-// stopping: then nobody is told, and u's writer ends on its own.
-func (s *Server) Offline(ctx context.Context, u *User, reason string) {
+// Offline removes u from the room and tells the rest (unless the server is
+// stopping).
+func (s *Server) Offline(u *User, reason string) {
 	s.mu.Lock()
 	if s.OnlineMap[u.Name] == u {
 		delete(s.OnlineMap, u.Name)
@@ -203,9 +208,6 @@ func (s *Server) Offline(ctx context.Context, u *User, reason string) {
 	s.mu.Unlock()
 	s.conns.Add(-1)
 	s.log.Info("disconnect", "addr", u.Addr, "name", u.Name, "reason", reason)
-	if ctx.Err() != nil {
-		return
-	}
 	buf := lineBufs.get()
 	buf.b = appendUserLine(buf.b, u, "已下线")
 	s.message <- message{kind: msgLeave, user: u, line: buf.b, buf: buf}
@@ -227,7 +229,7 @@ func (s *Server) sendTo(u *User, line []byte, buf *buffer) {
 // ListenMessager hands every queued line to its recipients. It is the only
 // goroutine that does, which is what gives all users one order of lines,
 // and it never blocks: a user's queue either takes the line or drops the user.
-func (s *Server) ListenMessager(ctx context.Context) {
+func (s *Server) ListenMessager() {
 	for m := range s.message {
 		switch m.kind {
 		case msgAll:
@@ -237,13 +239,22 @@ func (s *Server) ListenMessager(ctx context.Context) {
 		case msgJoin:
 			m.user.idx = len(s.members)
 			s.members = append(s.members, m.user)
-			s.fanOut(m.line)
-		case msgLeave:
-			s.removeMember(m.user)
-			if ctx.Err() == nil { // nobody is told of leaves once the stop began
+			if s.stopping {
+				m.user.stop()
+			} else {
 				s.fanOut(m.line)
 			}
-			m.user.out.seal(nil)
+		case msgLeave:
+			s.removeMember(m.user)
+			if !s.stopping {
+				s.fanOut(m.line)
+			}
+			m.user.finish(nil)
+		case msgShutdown:
+			s.stopping = true
+			for _, u := range s.members {
+				u.stop()
+			}
 		case msgStop:
 			return
 		}

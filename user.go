@@ -2,11 +2,11 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"io"
+	"math"
+	"math/bits"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -15,9 +15,10 @@ import (
 )
 
 // User is one connection. Two goroutines serve it: serve reads and runs
-// its lines; ListenMessage is the select loop that writes its output (the
-// only goroutine that writes to conn) and watches its idle timer and the
-// server's stop.
+// its lines; ListenMessage writes its output, and is the only goroutine
+// that writes to conn. Its idle timer and the server's stop reach it from
+// outside, so that neither waits for a write to a client that stopped
+// reading.
 type User struct {
 	Name string // guarded by srv.mu; only this user's reader changes it
 	Addr string
@@ -26,23 +27,18 @@ type User struct {
 
 	out      outbox
 	in       lineReader
+	idle     *time.Timer  // runs checkIdle; nil when srv.idle is 0
 	lastLine atomic.Int64 // when the last complete line arrived, since srv.epoch
 	reason   atomic.Pointer[string]
 	idx      int // position in srv.members; owned by ListenMessager
 
 	// Owned by ListenMessage.
-	sending       [][]byte    // the chunks being written
-	iov           [][]byte    // backing array of unsent
-	unsent        net.Buffers // what of them the kernel has not taken yet
-	final         bool        // the queue is sealed: the deadline is the last one
-	writeDeadline time.Time   // when the current write slice ends
+	sending []*chunk    // the batch being written: sending[next].b[sent:] on
+	next    int         // index of the first chunk not yet all written
+	sent    int         // bytes of sending[next] already written
+	iov     [4][]byte   // the chunks of one write
+	bufs    net.Buffers // iov as writev takes it
 }
-
-// writeSlice bounds one conn.Write while the user is open. A client that
-// takes nothing for that long sends the writer back to its select loop,
-// with the rest kept for later, so that a writer blocked on a client that
-// stopped reading still kicks it on time and sees the server stop.
-const writeSlice = 500 * time.Millisecond
 
 func newUser(s *Server, conn net.Conn) *User {
 	addr := conn.RemoteAddr().String()
@@ -50,6 +46,12 @@ func newUser(s *Server, conn net.Conn) *User {
 	u.out.wake = make(chan struct{}, 1)
 	u.in.rd = conn
 	u.lastLine.Store(s.now())
+	if s.idle > 0 {
+		// Made stopped and armed after the assignment, so checkIdle never
+		// runs before u.idle is set.
+		u.idle = time.AfterFunc(math.MaxInt64, u.checkIdle)
+		u.idle.Reset(s.idle)
+	}
 	return u
 }
 
@@ -61,7 +63,7 @@ func (u *User) leaving(reason string) bool {
 
 // serve is u's reader: it announces u, runs its lines until the connection
 // ends or u is told to go, and takes it out of the room.
-func (u *User) serve(ctx context.Context) {
+func (u *User) serve() {
 	s := u.srv
 	s.Online(u)
 	err := u.readLines()
@@ -71,7 +73,10 @@ func (u *User) serve(ctx context.Context) {
 	case err != nil:
 		u.leaving("read failed: " + err.Error())
 	}
-	s.Offline(ctx, u, *u.reason.Load())
+	if u.idle != nil {
+		u.idle.Stop()
+	}
+	s.Offline(u, *u.reason.Load())
 	if err == nil {
 		// Told to go: read on, dropping what comes, until the writer has
 		// closed the connection. Closing with input unread would reset it,
@@ -199,51 +204,30 @@ func (u *User) push(line []byte) {
 	u.conn.Close()
 }
 
-// ListenMessage is u's select loop: it writes u's queued lines, all that
-// waits in one write, kicks u when its idle timer finds no line for
-// srv.idle, and seals u's queue with R10 when the server stops. It returns
-// once the queue is sealed and written, or a write failed.
-func (u *User) ListenMessage(ctx context.Context) {
+// ListenMessage is u's writer: it hands u's queued lines to the kernel,
+// all that waits at once, until the queue is sealed and written or a write
+// fails. It sets no deadline and arms no timer: those run on the stack of
+// the goroutine that does them, and a writer that never does them stays
+// within the smallest goroutine stack while it waits.
+func (u *User) ListenMessage() {
 	defer u.conn.Close()
-	var timer *time.Timer
-	var idle <-chan time.Time
-	if u.srv.idle > 0 {
-		timer = time.NewTimer(u.srv.idle)
-		defer timer.Stop()
-		idle = timer.C
-	}
-	for {
-		select {
-		case <-u.out.wake:
-		case <-idle:
-			u.checkIdle(timer)
-		case <-ctx.Done():
-			u.stop()
-		}
-		st := u.flush()
-		for st == stalled {
-			select {
-			case <-idle:
-				u.checkIdle(timer)
-			case <-ctx.Done():
-				u.stop()
-			default:
-			}
-			st = u.flush()
-		}
-		if st == closed {
+	for range u.out.wake {
+		if !u.flush() {
 			return
 		}
 	}
 }
 
-// checkIdle kicks u if no line came for srv.idle, and otherwise sets the
-// timer for the time left: the reader only stamps lastLine, so a line costs
-// no timer operation.
-func (u *User) checkIdle(timer *time.Timer) {
+// checkIdle runs on u's idle timer: it kicks u if no line came for
+// srv.idle, and otherwise sets the timer for the time left. The reader only
+// stamps lastLine, so a line costs no timer operation.
+func (u *User) checkIdle() {
 	s := u.srv
+	if u.reason.Load() != nil {
+		return
+	}
 	if left := s.idle - time.Duration(s.now()-u.lastLine.Load()); left > 0 {
-		timer.Reset(left)
+		u.idle.Reset(left)
 		return
 	}
 	if u.leaving("idle") {
@@ -252,16 +236,26 @@ func (u *User) checkIdle(timer *time.Timer) {
 	}
 }
 
+// stop tells u that the server stops.
 func (u *User) stop() {
 	u.leaving("server stopping")
 	u.tell(replyStopping)
 }
 
-// tell seals u's queue with final as its last line and wakes the reader, so
-// that u leaves the room now rather than once the last flush is done.
+// tell ends u from the server's side: final is its last line, and the
+// reader is woken, so that u leaves the room now rather than once the last
+// flush is done.
 func (u *User) tell(final []byte) {
-	u.out.seal(final)
+	u.finish(final)
 	u.conn.SetReadDeadline(aLongTimeAgo)
+}
+
+// finish seals u's queue after final (if not nil) and gives the writer
+// flushTimeout to write what is left; a write blocked on a client that
+// stopped reading then fails.
+func (u *User) finish(final []byte) {
+	u.out.seal(final)
+	u.conn.SetWriteDeadline(time.Now().Add(flushTimeout))
 }
 
 // aLongTimeAgo is a deadline that has passed: it ends a blocked read at once.
@@ -277,74 +271,72 @@ func discard(conn net.Conn, buf []byte) {
 	}
 }
 
-type flushState uint8
+// writePiece bounds one write, so that what a client has taken stops
+// counting against maxQueuedBytes after at most this much, even while the
+// rest of a big batch is still on its way.
+const writePiece = 64 << 10
 
-const (
-	flushed flushState = iota // all written; the user is open
-	stalled                   // the client took nothing for a write slice
-	closed                    // sealed and written, or a write failed
-)
-
-// flush writes until the queue is empty or the client stalls.
-func (u *User) flush() flushState {
+// flush writes until the queue is empty. It reports whether u is still
+// open: false once the queue is sealed and written, or a write failed.
+func (u *User) flush() bool {
 	for {
-		if !u.final && u.out.sealed.Load() {
-			// The last flush gets flushTimeout in all.
-			u.final = true
-			u.conn.SetWriteDeadline(time.Now().Add(flushTimeout))
-		}
-		if len(u.unsent) == 0 {
+		if u.next == len(u.sending) {
 			freeChunks(u.sending)
-			u.sending = u.out.take(u.sending)
+			var sealed bool
+			u.sending, sealed = u.out.take(u.sending)
+			u.next, u.sent = 0, 0
 			if len(u.sending) == 0 {
-				u.sending, u.iov = shrink(u.sending), shrink(u.iov)
-				if u.final {
-					return closed
-				}
-				return flushed
-			}
-			u.iov = append(u.iov[:0], u.sending...)
-			u.unsent = u.iov
-		}
-		if !u.final {
-			if now := time.Now(); u.writeDeadline.Sub(now) < writeSlice/2 {
-				u.writeDeadline = now.Add(writeSlice)
-				u.conn.SetWriteDeadline(u.writeDeadline)
+				u.sending = shrink(u.sending)
+				return !sealed
 			}
 		}
-		err := u.write()
-		switch {
-		case err == nil:
-		case !u.final && errors.Is(err, os.ErrDeadlineExceeded):
-			return stalled
-		default:
+		if err := u.write(); err != nil {
 			u.leaving("write failed: " + err.Error())
 			u.out.seal(nil)
+			rest, _ := u.out.take(nil)
+			freeChunks(rest)
 			freeChunks(u.sending)
-			freeChunks(u.out.take(nil))
-			u.sending, u.iov, u.unsent = nil, nil, nil
-			return closed
+			u.sending = nil
+			return false
 		}
 	}
 }
 
-// write hands u.unsent to the kernel: one chunk with write, several with
-// one writev. What the kernel did not take stays in u.unsent, and only
-// that still counts against maxQueuedBytes.
+// write hands the kernel the next piece of the batch: one chunk with
+// write, several with one writev.
 func (u *User) write() error {
+	iov, size := u.iov[:0], 0
+	for _, c := range u.sending[u.next:] {
+		b := c.b
+		if len(iov) == 0 {
+			b = b[u.sent:]
+		} else if len(iov) == len(u.iov) || size+len(b) > writePiece {
+			break
+		}
+		iov = append(iov, b)
+		size += len(b)
+	}
 	var n int64
 	var err error
-	if len(u.unsent) == 1 {
+	if len(iov) == 1 {
 		var k int
-		k, err = u.conn.Write(u.unsent[0])
-		if u.unsent[0] = u.unsent[0][k:]; len(u.unsent[0]) == 0 {
-			u.unsent = u.unsent[:0]
-		}
+		k, err = u.conn.Write(iov[0])
 		n = int64(k)
 	} else {
-		n, err = u.unsent.WriteTo(u.conn)
+		u.bufs = iov
+		n, err = u.bufs.WriteTo(u.conn)
 	}
+	clear(u.iov[:])
 	u.out.inflight.Add(-n)
+	for n > 0 { // step past what was written
+		left := int64(len(u.sending[u.next].b) - u.sent)
+		if n < left {
+			u.sent += int(n)
+			break
+		}
+		n -= left
+		u.next, u.sent = u.next+1, 0
+	}
 	return err
 }
 
@@ -355,7 +347,7 @@ func (u *User) write() error {
 // write.
 type outbox struct {
 	mu       sync.Mutex
-	pending  [][]byte     // chunks in order; the last may have room
+	pending  []*chunk     // in order; the last may have room
 	queued   int          // bytes in pending
 	inflight atomic.Int64 // bytes taken by the writer and not yet written
 	sealed   atomic.Bool
@@ -390,13 +382,13 @@ func (o *outbox) appendLocked(line []byte) {
 	o.queued += len(line)
 	for len(line) > 0 {
 		n := len(o.pending)
-		if n == 0 || len(o.pending[n-1]) == cap(o.pending[n-1]) {
-			o.pending = append(o.pending, newChunk(n == 0))
+		if n == 0 || len(o.pending[n-1].b) == cap(o.pending[n-1].b) {
+			o.pending = append(o.pending, newChunk(n))
 			n++
 		}
 		last := o.pending[n-1]
-		k := copy(last[len(last):cap(last)], line)
-		o.pending[n-1] = last[:len(last)+k]
+		k := copy(last.b[len(last.b):cap(last.b)], line)
+		last.b = last.b[:len(last.b)+k]
 		line = line[k:]
 	}
 }
@@ -419,53 +411,53 @@ func (o *outbox) seal(final []byte) {
 	o.signal()
 }
 
-// take hands the writer every chunk that waits, in spare's place.
-func (o *outbox) take(spare [][]byte) [][]byte {
+// take hands the writer every chunk that waits, in spare's place, and
+// says whether the queue is sealed (so nothing more will come once these
+// are written).
+func (o *outbox) take(spare []*chunk) (chunks []*chunk, sealed bool) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	chunks := o.pending
+	chunks = o.pending
 	o.pending = spare[:0]
 	o.inflight.Store(int64(o.queued))
 	o.queued = 0
-	return chunks
+	return chunks, o.sealed.Load()
 }
 
-// Chunks come in two fixed sizes, each from its own pool, so a chunk that
-// served one user's burst never sits half empty in another's queue: a
-// user's first chunk is small (a line, or the few of a connect storm), the
-// ones after it are big (a burst, handed to the kernel in one writev).
+// chunk is a piece of a user's queue. Its capacity is fixed by its class:
+// a queue's first chunk is small (a line, or the few lines of a connect
+// storm), and each next one twice the last, up to 16 KiB. Each class has
+// its own pool, so a chunk that served one user's burst never sits half
+// empty in another's queue, and a queue grows without copying.
+type chunk struct{ b []byte }
+
 const (
-	smallChunk = 512
-	bigChunk   = 16 << 10
+	minChunk     = 512
+	chunkClasses = 6 // 512 B to 16 KiB
 )
 
-var (
-	smallChunks = sync.Pool{New: func() any { return new([smallChunk]byte) }}
-	bigChunks   = sync.Pool{New: func() any { return new([bigChunk]byte) }}
-)
+var chunkPools [chunkClasses]sync.Pool
 
-func newChunk(first bool) []byte {
-	if first {
-		return smallChunks.Get().(*[smallChunk]byte)[:0]
+// newChunk returns an empty chunk to follow n others in a queue.
+func newChunk(n int) *chunk {
+	class := min(n, chunkClasses-1)
+	if c, ok := chunkPools[class].Get().(*chunk); ok {
+		return c
 	}
-	return bigChunks.Get().(*[bigChunk]byte)[:0]
+	return &chunk{b: make([]byte, 0, minChunk<<class)}
 }
 
-func freeChunks(chunks [][]byte) {
+func freeChunks(chunks []*chunk) {
 	for i, c := range chunks {
-		switch cap(c) {
-		case smallChunk:
-			smallChunks.Put((*[smallChunk]byte)(c[:smallChunk]))
-		case bigChunk:
-			bigChunks.Put((*[bigChunk]byte)(c[:bigChunk]))
-		}
+		c.b = c.b[:0]
+		chunkPools[bits.Len(uint(cap(c.b)/minChunk))-1].Put(c)
 		chunks[i] = nil
 	}
 }
 
 // shrink keeps a short list for reuse and lets a long one (left by a
 // burst) go, so that an idle user holds nothing a burst grew.
-func shrink(list [][]byte) [][]byte {
+func shrink[T any](list []T) []T {
 	if cap(list) > 8 {
 		return nil
 	}
