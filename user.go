@@ -469,7 +469,7 @@ func shrink[T any](list []T) []T {
 const (
 	// smallReadBytes is the buffer an idle connection waits with: enough
 	// for a typed line, so that a chat line costs one read.
-	smallReadBytes = 512
+	smallReadBytes = 256
 	// bigReadBytes is the buffer used while data keeps coming. It holds an
 	// over-long line's first maxLineBytes+1 bytes with room to read more.
 	bigReadBytes = 2 * maxLineBytes
