@@ -167,6 +167,14 @@ func startTCP(tb testing.TB, idle time.Duration, maxConns int) *testServer {
 	return ts
 }
 
+// expectLogged checks that the server logged an event of this name.
+func (ts *testServer) expectLogged(event string) {
+	ts.tb.Helper()
+	if logs := ts.logs.String(); !strings.Contains(logs, "msg="+event+" ") {
+		ts.tb.Errorf("no %s in the log:\n%s", event, logs)
+	}
+}
+
 // stop ends the server and waits for Serve, a bounded time.
 func (ts *testServer) stop() error {
 	ts.once.Do(func() {
@@ -534,9 +542,7 @@ func TestIdleKick(t *testing.T) {
 				watcher.expect(a.offline())
 				watcher.send("who")
 				watcher.expect(watcher.whoLine()) // no ghost
-				if !strings.Contains(ts.logs.String(), "msg=kick") {
-					t.Errorf("no kick in the log:\n%s", ts.logs.String())
-				}
+				ts.expectLogged("kick")
 			})
 		})
 	}
@@ -580,9 +586,7 @@ func TestShutdown(t *testing.T) {
 			t.Errorf("stop took %v, want %v", got, flushTimeout)
 		}
 		deaf.expectClosed()
-		if !strings.Contains(ts.logs.String(), "msg=shutdown") {
-			t.Errorf("no shutdown in the log:\n%s", ts.logs.String())
-		}
+		ts.expectLogged("shutdown")
 	})
 }
 
@@ -618,9 +622,7 @@ func TestSlowReaderDropped(t *testing.T) {
 		b := ts.join()
 		c := ts.join(b)
 		slowReaderRun(t, slow, b, c, 4000, maxQueuedBytes/4000+50)
-		if !strings.Contains(ts.logs.String(), "msg=drop") {
-			t.Errorf("no drop in the log:\n%s", ts.logs.String())
-		}
+		ts.expectLogged("drop")
 	})
 }
 
