@@ -281,9 +281,14 @@ const writePiece = 64 << 10
 func (u *User) flush() bool {
 	for {
 		if u.next == len(u.sending) {
+			var first *chunk
+			if len(u.sending) > 0 && cap(u.sending[0].b) == minChunk {
+				first, u.sending[0] = u.sending[0], nil
+				first.b = first.b[:0]
+			}
 			freeChunks(u.sending)
 			var sealed bool
-			u.sending, sealed = u.out.take(u.sending)
+			u.sending, sealed = u.out.take(u.sending, first)
 			u.next, u.sent = 0, 0
 			if len(u.sending) == 0 {
 				u.sending = shrink(u.sending)
@@ -293,7 +298,7 @@ func (u *User) flush() bool {
 		if err := u.write(); err != nil {
 			u.leaving("write failed: " + err.Error())
 			u.out.seal(nil)
-			rest, _ := u.out.take(nil)
+			rest, _ := u.out.take(nil, nil)
 			freeChunks(rest)
 			freeChunks(u.sending)
 			u.sending = nil
@@ -348,6 +353,7 @@ func (u *User) write() error {
 type outbox struct {
 	mu       sync.Mutex
 	pending  []*chunk     // in order; the last may have room
+	first    *chunk       // an empty small chunk for the next first line, kept while busy
 	queued   int          // bytes in pending
 	inflight atomic.Int64 // bytes taken by the writer and not yet written
 	sealed   atomic.Bool
@@ -383,7 +389,13 @@ func (o *outbox) appendLocked(line []byte) {
 	for len(line) > 0 {
 		n := len(o.pending)
 		if n == 0 || len(o.pending[n-1].b) == cap(o.pending[n-1].b) {
-			o.pending = append(o.pending, newChunk(n))
+			c := o.first
+			if n > 0 || c == nil {
+				c = newChunk(n)
+			} else {
+				o.first = nil
+			}
+			o.pending = append(o.pending, c)
 			n++
 		}
 		last := o.pending[n-1]
@@ -413,15 +425,28 @@ func (o *outbox) seal(final []byte) {
 
 // take hands the writer every chunk that waits, in spare's place, and
 // says whether the queue is sealed (so nothing more will come once these
-// are written).
-func (o *outbox) take(spare []*chunk) (chunks []*chunk, sealed bool) {
+// are written). first is the small first chunk of the batch just written,
+// emptied: while more waits, the queue keeps it for its next first line,
+// which then costs no trip through the pool (a connect storm is a long run
+// of one-line batches); once nothing waits, the writer is about to sleep
+// and it goes back, so an idle user holds no chunk.
+func (o *outbox) take(spare []*chunk, first *chunk) (chunks []*chunk, sealed bool) {
 	o.mu.Lock()
-	defer o.mu.Unlock()
 	chunks = o.pending
 	o.pending = spare[:0]
 	o.inflight.Store(int64(o.queued))
 	o.queued = 0
-	return chunks, o.sealed.Load()
+	sealed = o.sealed.Load()
+	unused := [2]*chunk{first}
+	switch {
+	case len(chunks) == 0:
+		unused[1], o.first = o.first, nil
+	case o.first == nil:
+		o.first, unused[0] = first, nil
+	}
+	o.mu.Unlock()
+	freeChunks(unused[:])
+	return chunks, sealed
 }
 
 // chunk is a piece of a user's queue. Its capacity is fixed by its class:
@@ -449,6 +474,9 @@ func newChunk(n int) *chunk {
 
 func freeChunks(chunks []*chunk) {
 	for i, c := range chunks {
+		if c == nil {
+			continue
+		}
 		c.b = c.b[:0]
 		chunkPools[bits.Len(uint(cap(c.b)/minChunk))-1].Put(c)
 		chunks[i] = nil
