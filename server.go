@@ -112,8 +112,6 @@ type message struct {
 // every user gets R10 after what is queued for it, for at most flushTimeout,
 // and Serve returns within shutdownTimeout. It returns nil when ctx ended it.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	stopListening := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stopListening()
 

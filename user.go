@@ -389,11 +389,11 @@ func (o *outbox) appendLocked(line []byte) {
 	for len(line) > 0 {
 		n := len(o.pending)
 		if n == 0 || len(o.pending[n-1].b) == cap(o.pending[n-1].b) {
-			c := o.first
-			if n > 0 || c == nil {
-				c = newChunk(n)
+			var c *chunk
+			if n == 0 && o.first != nil {
+				c, o.first = o.first, nil
 			} else {
-				o.first = nil
+				c = newChunk(n)
 			}
 			o.pending = append(o.pending, c)
 			n++
