@@ -5,6 +5,8 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"runtime"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -36,6 +38,16 @@ const (
 	// finds it full waits; ListenMessager never blocks, so the wait lasts
 	// only as long as the lines ahead of it take to hand out.
 	messageQueue = 1024
+	// wakeRound and roundLines bound a round of ListenMessager: the
+	// deliveries (a few milliseconds of work) and the messages it hands out
+	// while more wait, before it wakes the writers it gave lines to.
+	wakeRound  = 1 << 17
+	roundLines = 64
+	// releaseCheck is how often the server looks for the end of a burst,
+	// and releaseAfter how many bytes a burst must have handed out before
+	// the memory it took is worth giving back to the operating system.
+	releaseCheck = 250 * time.Millisecond
+	releaseAfter = 4 << 20
 )
 
 // The replies of PROTOCOL.md (R1–R10 but R3, which carries the new name),
@@ -72,6 +84,10 @@ type Server struct {
 	// Owned by ListenMessager.
 	members  []*User // who gets broadcasts
 	stopping bool    // the server stops: newcomers are told so, leavers are not announced
+	toWake   []*User // writers to wake at the end of this round
+	round    int     // deliveries made in this round
+	handed   int     // bytes handed out since memory was last released
+	busy     bool    // a line was handed out since the last msgQuiet
 }
 
 // NewServer returns a server that logs to log, kicks users idle for idle
@@ -95,6 +111,7 @@ const (
 	msgJoin                    // user becomes a member, then line goes to every member
 	msgLeave                   // user stops being a member, then line goes to the rest
 	msgShutdown                // every member, and every later newcomer, is told the server stops
+	msgQuiet                   // reply says whether a burst has just ended
 	msgStop                    // ListenMessager returns
 )
 
@@ -102,10 +119,11 @@ const (
 // receives passes through it, replies and whispers too, so whatever one
 // reader does reaches everyone in the order it was done.
 type message struct {
-	kind msgKind
-	user *User
-	line []byte
-	buf  *buffer // line's pooled storage, freed once handed out; nil for a constant line
+	kind  msgKind
+	user  *User
+	line  []byte
+	buf   *buffer     // line's pooled storage, freed once handed out; nil for a constant line
+	reply chan<- bool // msgQuiet's answer
 }
 
 // Serve accepts connections on ln until ctx is done or ln fails, then stops:
@@ -120,9 +138,17 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		defer close(listenerDone)
 		s.ListenMessager()
 	}()
+	releaseCtx, stopReleasing := context.WithCancel(ctx)
+	releaseDone := make(chan struct{})
+	go func() {
+		defer close(releaseDone)
+		s.releaseAfterBursts(releaseCtx)
+	}()
 
 	s.log.Info("listening", "addr", ln.Addr().String())
 	err := s.accept(ctx, ln)
+	stopReleasing()
+	<-releaseDone
 	s.log.Info("shutdown", "users", s.conns.Load())
 	s.message <- message{kind: msgShutdown}
 	if !waitTimeout(&s.wg, shutdownTimeout) {
@@ -158,10 +184,15 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 			s.wg.Go(func() { s.reject(conn) })
 			continue
 		}
-		// Everything here (the log line, the idle timer) runs on this one
-		// goroutine's stack rather than on u's two, which then stay small.
+		// Everything here (the log line, the idle timer, the join) runs on
+		// this one goroutine's stack rather than on u's two, which then
+		// stay small. Joining here also lets a connect storm queue its
+		// joins as fast as they are accepted, so that ListenMessager hands
+		// them out in rounds: a new user's reader would first wait its turn
+		// behind every writer the last join woke.
 		u := newUser(s, conn)
 		s.log.Info("connect", "addr", u.Addr)
+		s.Online(u)
 		s.wg.Go(u.serve)
 		s.wg.Go(u.ListenMessage)
 	}
@@ -227,44 +258,137 @@ func (s *Server) sendTo(u *User, line []byte, buf *buffer) {
 // ListenMessager hands every queued line to its recipients. It is the only
 // goroutine that does, which is what gives all users one order of lines,
 // and it never blocks: a user's queue either takes the line or drops the user.
+//
+// It works in rounds: while more messages wait it hands them out too, up
+// to roundLines messages or wakeRound deliveries, and only then wakes the
+// writers it gave lines to. In a burst (a connect storm, a flood of
+// lines) a writer then wakes once for many lines and writes them at once,
+// where waking it for each line would cost a write, and the client a read,
+// per line. When nothing waits, a line's writers are woken at once.
 func (s *Server) ListenMessager() {
 	for m := range s.message {
-		switch m.kind {
-		case msgAll:
-			s.fanOut(m.line)
-		case msgTo:
-			m.user.push(m.line)
-		case msgJoin:
-			m.user.idx = len(s.members)
-			s.members = append(s.members, m.user)
-			if s.stopping {
-				m.user.stop()
-			} else {
-				s.fanOut(m.line)
-			}
-		case msgLeave:
-			s.removeMember(m.user)
-			if !s.stopping {
-				s.fanOut(m.line)
-			}
-			m.user.finish(nil)
-		case msgShutdown:
-			s.stopping = true
-			for _, u := range s.members {
-				u.stop()
-			}
-		case msgStop:
-			return
+		more := s.handOut(m)
+		for n := 1; more && n < roundLines && s.round < wakeRound && len(s.message) > 0; n++ {
+			more = s.handOut(<-s.message)
 		}
-		if m.buf != nil {
-			lineBufs.put(m.buf)
+		s.wakeWriters()
+		if !more {
+			return
 		}
 	}
 }
 
+// handOut does what m says. It reports false for msgStop.
+func (s *Server) handOut(m message) bool {
+	switch m.kind {
+	case msgAll:
+		s.fanOut(m.line)
+	case msgTo:
+		s.push(m.user, m.line)
+	case msgJoin:
+		m.user.idx = len(s.members)
+		s.members = append(s.members, m.user)
+		if s.stopping {
+			m.user.stop()
+		} else {
+			s.fanOut(m.line)
+		}
+	case msgLeave:
+		s.removeMember(m.user)
+		if !s.stopping {
+			s.fanOut(m.line)
+		}
+		m.user.finish(nil)
+	case msgShutdown:
+		s.stopping = true
+		for _, u := range s.members {
+			u.stop()
+		}
+	case msgQuiet:
+		ended := !s.busy && s.handed >= releaseAfter && s.drained()
+		if ended {
+			s.handed = 0
+		}
+		s.busy = false
+		m.reply <- ended
+		return true
+	case msgStop:
+		return false
+	}
+	s.busy = true
+	if m.buf != nil {
+		lineBufs.put(m.buf)
+	}
+	return true
+}
+
 func (s *Server) fanOut(line []byte) {
 	for _, u := range s.members {
-		u.push(line)
+		s.push(u, line)
+	}
+}
+
+// push queues line for u, and notes u's writer for waking at the end of the
+// round if it may be asleep.
+func (s *Server) push(u *User, line []byte) {
+	s.round++
+	s.handed += len(line)
+	if u.push(line) {
+		s.toWake = append(s.toWake, u)
+	}
+}
+
+// wakeWriters ends a round: it wakes the writers given lines in it.
+func (s *Server) wakeWriters() {
+	for _, u := range s.toWake {
+		u.out.signal()
+	}
+	clear(s.toWake)
+	s.toWake = s.toWake[:0]
+	s.round = 0
+}
+
+// drained reports whether every member's queue has been written.
+func (s *Server) drained() bool {
+	for _, u := range s.members {
+		if !u.out.empty() {
+			return false
+		}
+	}
+	return true
+}
+
+// releaseAfterBursts gives memory back to the operating system once a
+// burst is over, until ctx is done. A burst fills users' queues with
+// chunks, which go back to their pools once written; the runtime keeps
+// that memory for reuse for minutes unless asked, so a server that had one
+// connect storm would hold its peak for a long while. A burst is over when
+// a whole releaseCheck passed without a line and every queue is written.
+func (s *Server) releaseAfterBursts(ctx context.Context) {
+	t := time.NewTicker(releaseCheck)
+	defer t.Stop()
+	reply := make(chan bool, 1)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		select {
+		case s.message <- message{kind: msgQuiet, reply: reply}:
+		case <-ctx.Done():
+			return
+		}
+		if !<-reply {
+			continue
+		}
+		// The first collection moves the pools' chunks to their victim
+		// caches; the second frees them, and returns what is free.
+		runtime.GC()
+		debug.FreeOSMemory()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		s.log.Info("release", "heap_bytes", ms.HeapAlloc, "stack_bytes", ms.StackInuse)
 	}
 }
 

@@ -679,6 +679,59 @@ func TestKickedNonReaderLeavesAtOnce(t *testing.T) {
 	})
 }
 
+// After a burst the server gives its memory back, once: not while a queue
+// still holds output, not while lines keep coming, and not again when
+// nothing new was handed out.
+func TestReleaseAfterBurst(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, 0, 0)
+		a := ts.join()
+		b := ts.join(a)
+		deaf := ts.join(a, b)
+		b.send("hi")
+		a.expect(b.says("hi"))
+		b.expect(b.says("hi")) // deaf does not read its copy yet
+
+		text := strings.Repeat("x", 4000)
+		whisper := a.name + "对您说:" + text
+		for range releaseAfter/(100*len(text)) + 1 {
+			for range 100 {
+				a.send("to|" + b.name + "|" + text)
+			}
+			for range 100 {
+				b.expect(whisper)
+			}
+		}
+		releases := func() int {
+			synctest.Wait()
+			return strings.Count(ts.logs.String(), "msg=release ")
+		}
+		time.Sleep(4 * releaseCheck)
+		if n := releases(); n != 0 {
+			t.Fatalf("released %d times while deaf's line was unwritten", n)
+		}
+
+		deaf.expect(b.says("hi"))
+		for range 10 { // a line every releaseCheck/2
+			a.send("to|" + b.name + "|busy")
+			b.expect(a.name + "对您说:busy")
+			time.Sleep(releaseCheck / 2)
+		}
+		if n := releases(); n != 0 {
+			t.Fatalf("released %d times while lines kept coming", n)
+		}
+		time.Sleep(2 * releaseCheck)
+		if n := releases(); n != 1 {
+			t.Fatalf("released %d times after the burst, want 1", n)
+		}
+		time.Sleep(10 * releaseCheck)
+		if n := releases(); n != 1 {
+			t.Fatalf("released %d times in all, want 1", n)
+		}
+	})
+}
+
 // slowReaderRun has b send lines of size bytes, at most limit of them,
 // while b and c read everything, until both have seen slow go; then who
 // must list b and c alone.

@@ -61,11 +61,10 @@ func (u *User) leaving(reason string) bool {
 	return u.reason.CompareAndSwap(nil, &reason)
 }
 
-// serve is u's reader: it announces u, runs its lines until the connection
-// ends or u is told to go, and takes it out of the room.
+// serve is u's reader: it runs u's lines until the connection ends or u is
+// told to go, and takes u out of the room.
 func (u *User) serve() {
 	s := u.srv
-	s.Online(u)
 	err := u.readLines()
 	switch {
 	case err == io.EOF:
@@ -190,11 +189,13 @@ func appendUserLine(dst []byte, u *User, text string) []byte {
 	return append(dst, '\n')
 }
 
-// push queues line for u without ever blocking. A user whose queue would
-// pass maxQueuedBytes has stopped reading and is dropped.
-func (u *User) push(line []byte) {
-	if u.out.push(line) {
-		return
+// push queues line for u without ever blocking, and reports whether u's
+// writer must be woken to write it. A user whose queue would pass
+// maxQueuedBytes has stopped reading and is dropped.
+func (u *User) push(line []byte) (wake bool) {
+	wake, ok := u.out.push(line)
+	if ok {
+		return wake
 	}
 	if u.leaving("output queue over limit (client stopped reading)") {
 		u.srv.log.Warn("drop", "addr", u.Addr, "reason", "slow reader", "limit_bytes", maxQueuedBytes)
@@ -202,6 +203,7 @@ func (u *User) push(line []byte) {
 	// Closing is not writing: it ends a write in progress at once, and the
 	// reader then fails and takes u out of the room.
 	u.conn.Close()
+	return false
 }
 
 // ListenMessage is u's writer: it hands u's queued lines to the kernel,
@@ -360,28 +362,24 @@ type outbox struct {
 	wake     chan struct{}
 }
 
-// push appends line unless the queue is sealed. It reports false, and
-// seals the queue, when line would take it past maxQueuedBytes.
-func (o *outbox) push(line []byte) bool {
+// push appends line unless the queue is sealed, and reports whether the
+// queue was empty, so that the writer may be asleep. It reports ok false,
+// and seals the queue, when line would take it past maxQueuedBytes.
+func (o *outbox) push(line []byte) (wasEmpty, ok bool) {
 	o.mu.Lock()
+	defer o.mu.Unlock()
 	if o.sealed.Load() {
-		o.mu.Unlock()
-		return true
+		return false, true
 	}
 	if o.queued+int(o.inflight.Load())+len(line) > maxQueuedBytes {
 		o.sealed.Store(true)
 		freeChunks(o.pending)
 		o.pending, o.queued = nil, 0
-		o.mu.Unlock()
-		return false
+		return false, false
 	}
-	first := len(o.pending) == 0
+	wasEmpty = len(o.pending) == 0
 	o.appendLocked(line)
-	o.mu.Unlock()
-	if first {
-		o.signal()
-	}
-	return true
+	return wasEmpty, true
 }
 
 func (o *outbox) appendLocked(line []byte) {
@@ -403,6 +401,13 @@ func (o *outbox) appendLocked(line []byte) {
 		last.b = last.b[:len(last.b)+k]
 		line = line[k:]
 	}
+}
+
+// empty reports whether everything queued has been written.
+func (o *outbox) empty() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.queued == 0 && o.inflight.Load() == 0
 }
 
 func (o *outbox) signal() {
