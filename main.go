@@ -63,6 +63,11 @@ func run(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "server: %v\n", err)
 		return 1
 	}
+	// The log's reader may go first: Ctrl-C on "./server 2>&1 | tee log"
+	// ends tee too, and Go kills a program whose write to a closed stderr
+	// raises SIGPIPE, before the server has told its users it stops. With
+	// the signal ignored, that write just fails.
+	signal.Ignore(syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	// After the first signal, a second one kills the process at once.

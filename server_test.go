@@ -156,15 +156,20 @@ func startTCP(tb testing.TB, idle time.Duration, maxConns int) *testServer {
 		tb.Fatal(err)
 	}
 	ts := startServer(tb, ln, idle, maxConns)
-	addr := ln.Addr().String()
-	ts.dial = func() (net.Conn, string, error) {
+	ts.dial = dialTCP(ln.Addr().String())
+	return ts
+}
+
+// dialTCP dials addr, and gives the client's address as the server
+// prints it.
+func dialTCP(addr string) func() (net.Conn, string, error) {
+	return func() (net.Conn, string, error) {
 		c, err := net.DialTimeout("tcp", addr, testTimeout)
 		if err != nil {
 			return nil, "", err
 		}
 		return c, c.LocalAddr().String(), nil
 	}
-	return ts
 }
 
 // expectLogged checks that the server logged an event of this name.
@@ -1012,6 +1017,12 @@ func TestChatOrder(t *testing.T) {
 // startProcess runs the test binary as the server with args and returns
 // its command and its stderr, line by line.
 func startProcess(t *testing.T, args ...string) (*exec.Cmd, chan string) {
+	cmd, lines, _ := startProcessPipe(t, args...)
+	return cmd, lines
+}
+
+// startProcessPipe is startProcess that also returns stderr's read end.
+func startProcessPipe(t *testing.T, args ...string) (*exec.Cmd, chan string, io.Closer) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(os.Environ(), "CHAT_SERVER_MAIN=1")
@@ -1034,7 +1045,7 @@ func startProcess(t *testing.T, args ...string) (*exec.Cmd, chan string) {
 		cmd.Process.Kill()
 		cmd.Wait()
 	})
-	return cmd, lines
+	return cmd, lines, stderr
 }
 
 func waitLine(t *testing.T, lines chan string, substr string) string {
@@ -1066,13 +1077,7 @@ func TestProcessStartAndSignal(t *testing.T) {
 			if !ok || strings.HasSuffix(addr, ":0") {
 				t.Fatalf("listening line %q does not give the real address", line)
 			}
-			ts := &testServer{tb: t, dial: func() (net.Conn, string, error) {
-				c, err := net.DialTimeout("tcp", addr, testTimeout)
-				if err != nil {
-					return nil, "", err
-				}
-				return c, c.LocalAddr().String(), nil
-			}}
+			ts := &testServer{tb: t, dial: dialTCP(addr)}
 			a := ts.join()
 			b := ts.join(a)
 			b.send("bye")
@@ -1095,6 +1100,26 @@ func TestProcessStartAndSignal(t *testing.T) {
 				t.Errorf("exit took %v, want at most 5s", d)
 			}
 		})
+	}
+}
+
+// When the log's reader is gone (Ctrl-C on "./server 2>&1 | tee log" ends
+// tee as well), logging fails but the stop goes on: users get R10 and the
+// server exits 0.
+func TestProcessLogReaderGone(t *testing.T) {
+	t.Parallel()
+	cmd, stderr, pipe := startProcessPipe(t, "-port", "0", "-idle", "0")
+	_, addr, _ := strings.Cut(waitLine(t, stderr, "msg=listening"), "addr=")
+	ts := &testServer{tb: t, dial: dialTCP(addr)}
+	a := ts.join()
+	pipe.Close()
+	if err := cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	a.expect(r10)
+	a.expectClosed()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("exit: %v, want status 0", err)
 	}
 }
 
