@@ -73,7 +73,7 @@ func run(args []string, stderr io.Writer) int {
 	// After the first signal, a second one kills the process at once.
 	context.AfterFunc(ctx, stop)
 
-	if err := NewServer(log, time.Duration(idle), maxConns.v).Serve(ctx, ln); err != nil {
+	if err := NewServer(log, Config{Idle: time.Duration(idle), MaxConns: maxConns.v}).Serve(ctx, ln); err != nil {
 		fmt.Fprintf(stderr, "server: %v\n", err)
 		return 1
 	}

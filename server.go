@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -26,28 +27,29 @@ const (
 	maxQueuedBytes = 1 << 20
 	// maxNameRunes is the longest name rename| accepts.
 	maxNameRunes = 32
+	// stallTimeout drops a user whose connection has taken none of its
+	// waiting output for this long: its client or its network is stuck.
+	stallTimeout = 2 * time.Minute
 	// flushTimeout bounds the last flush to a user who is leaving, is
-	// kicked, or is told that the server stops.
+	// kicked, or is told that the server stops, and the lingering read
+	// after it.
 	flushTimeout = 3 * time.Second
 	// shutdownTimeout bounds how long Serve waits for its connections once
 	// it stops: the process must be gone within 5 s of the signal.
 	shutdownTimeout = 4 * time.Second
-	// rejectLinger bounds the time spent on a connection turned away with R9.
-	rejectLinger = time.Second
-	// messageQueue is the capacity of the broadcast channel. A reader that
-	// finds it full waits; ListenMessager never blocks, so the wait lasts
-	// only as long as the lines ahead of it take to hand out.
+	// lingerTimeout bounds the time a connection is kept open after its
+	// last line (R8, R9, R10…) is written, reading what the client still
+	// sends, so that closing it does not reset it.
+	lingerTimeout = time.Second
+	// messageQueue is the capacity of s.Message. A reader that finds it
+	// full waits; ListenMessager never blocks, so the wait lasts only as
+	// long as the lines ahead of it take to hand out.
 	messageQueue = 1024
-	// wakeRound and roundLines bound a round of ListenMessager: the
-	// deliveries (a few milliseconds of work) and the messages it hands out
-	// while more wait, before it wakes the writers it gave lines to.
-	wakeRound  = 1 << 17
-	roundLines = 64
-	// releaseCheck is how often the server looks for the end of a burst,
-	// and releaseAfter how many bytes a burst must have handed out before
-	// the memory it took is worth giving back to the operating system.
-	releaseCheck = 250 * time.Millisecond
-	releaseAfter = 4 << 20
+	// roundLines and roundDeliveries bound a round of ListenMessager: the
+	// messages it hands out while more wait, and the deliveries (a few
+	// milliseconds of work), before it wakes the writers it gave lines to.
+	roundLines      = 64
+	roundDeliveries = 1 << 17
 )
 
 // The replies of PROTOCOL.md (R1–R10 but R3, which carries the new name),
@@ -66,64 +68,77 @@ var (
 
 var errNameTaken = errors.New("name taken")
 
+// Config holds the server's limits. The zero value of each turns it off.
+type Config struct {
+	Idle     time.Duration // kick a user after this long without a line
+	MaxConns int           // most users online at once
+}
+
 // Server is the chat room: who is online, and the one goroutine that hands
-// every line to its recipients.
+// out every broadcast.
+//
+// Lock order: s.mu and a user's out.mu are never held together.
 type Server struct {
 	log      *slog.Logger
-	idle     time.Duration // kick after this long without a line; 0: never
-	maxConns int           // 0: no limit
-	epoch    time.Time     // User.lastLine counts from here
+	idle     time.Duration
+	maxConns int
+	epoch    time.Time // User.lastLineAt counts from here
 
 	mu        sync.Mutex
 	OnlineMap map[string]*User // by name
+	version   int              // counts changes of OnlineMap
+	whoReply  []byte           // built for version, nil after a change
 
-	conns   atomic.Int64 // connections counted against maxConns
-	message chan message // drained by ListenMessager alone
+	Message chan message // drained by ListenMessager alone
+	conns   atomic.Int64 // users counted against maxConns
+	queued  atomic.Int64 // bytes waiting in all users' queues
+	stats   stats
 	wg      sync.WaitGroup
 
-	// Owned by ListenMessager.
+	// ListenMessager's own.
 	members  []*User // who gets broadcasts
-	stopping bool    // the server stops: newcomers are told so, leavers are not announced
-	toWake   []*User // writers to wake at the end of this round
-	round    int     // deliveries made in this round
-	handed   int     // bytes handed out since memory was last released
-	busy     bool    // a line was handed out since the last msgQuiet
+	stopping bool    // the stop was handed out: leavers are not announced
+	toWake   []*User // writers to wake at the end of the round
+	round    int     // deliveries made in the round
 }
 
-// NewServer returns a server that logs to log, kicks users idle for idle
-// (0: never) and holds at most maxConns users (0: no limit).
-func NewServer(log *slog.Logger, idle time.Duration, maxConns int) *Server {
+// NewServer returns a server that logs to log and keeps the limits of cfg.
+func NewServer(log *slog.Logger, cfg Config) *Server {
 	return &Server{
 		log:       log,
-		idle:      idle,
-		maxConns:  maxConns,
+		idle:      cfg.Idle,
+		maxConns:  cfg.MaxConns,
 		epoch:     time.Now(),
 		OnlineMap: make(map[string]*User),
-		message:   make(chan message, messageQueue),
+		Message:   make(chan message, messageQueue),
 	}
+}
+
+// stats counts what the server did, for releaseMemory.
+type stats struct {
+	accepted atomic.Int64 // connections that became users
+	linesIn  atomic.Int64 // complete lines received
+	bytesOut atomic.Int64 // bytes written to users
 }
 
 type msgKind uint8
 
 const (
 	msgAll      msgKind = iota // line goes to every member
-	msgTo                      // line goes to user alone
-	msgJoin                    // user becomes a member, then line goes to every member
-	msgLeave                   // user stops being a member, then line goes to the rest
-	msgShutdown                // every member, and every later newcomer, is told the server stops
-	msgQuiet                   // reply says whether a burst has just ended
+	msgTo                      // line goes to user to alone
+	msgJoin                    // from becomes a member, then line goes to every member
+	msgLeave                   // to stops being a member, then line goes to the rest
+	msgShutdown                // every member is told the server stops
 	msgStop                    // ListenMessager returns
 )
 
-// message is one line for ListenMessager to hand out. Every line a user
-// receives passes through it, replies and whispers too, so whatever one
-// reader does reaches everyone in the order it was done.
+// message is one line for ListenMessager to hand out.
 type message struct {
 	kind  msgKind
-	user  *User
-	line  []byte
-	buf   *buffer     // line's pooled storage, freed once handed out; nil for a constant line
-	reply chan<- bool // msgQuiet's answer
+	from  *User // whose message it is: from.inHub counts it
+	to    *User
+	line  []byte // not changed once queued
+	whole bool   // a who reply: see User.push
 }
 
 // Serve accepts connections on ln until ctx is done or ln fails, then stops:
@@ -133,16 +148,16 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	stopListening := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stopListening()
 
-	listenerDone := make(chan struct{})
+	hubDone := make(chan struct{})
 	go func() {
-		defer close(listenerDone)
+		defer close(hubDone)
 		s.ListenMessager()
 	}()
 	releaseCtx, stopReleasing := context.WithCancel(ctx)
 	releaseDone := make(chan struct{})
 	go func() {
 		defer close(releaseDone)
-		s.releaseAfterBursts(releaseCtx)
+		s.releaseMemory(releaseCtx)
 	}()
 
 	s.log.Info("listening", "addr", ln.Addr().String())
@@ -150,12 +165,12 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	stopReleasing()
 	<-releaseDone
 	s.log.Info("shutdown", "users", s.conns.Load())
-	s.message <- message{kind: msgShutdown}
+	s.Message <- message{kind: msgShutdown}
 	if !waitTimeout(&s.wg, shutdownTimeout) {
 		s.log.Warn("shutdown timed out", "users", s.conns.Load())
 	}
-	s.message <- message{kind: msgStop}
-	<-listenerDone
+	s.Message <- message{kind: msgStop}
+	<-hubDone
 	return err
 }
 
@@ -168,110 +183,174 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			if errors.Is(err, net.ErrClosed) {
+			if !outOfResources(err) {
 				return err
 			}
-			// Out of file descriptors, or a connection reset before it was
-			// accepted: wait a little and go on, as net/http does.
+			// These pass as users leave: wait a little and try again, as
+			// net/http does.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
 			s.log.Error("accept", "err", err, "retry_in", backoff)
-			time.Sleep(backoff)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(backoff):
+			}
 			continue
 		}
 		backoff = 0
-		if n := s.conns.Add(1); s.maxConns > 0 && n > int64(s.maxConns) {
-			s.conns.Add(-1)
+		if s.maxConns > 0 && s.conns.Load() >= int64(s.maxConns) {
 			s.wg.Go(func() { s.reject(conn) })
 			continue
 		}
-		// Everything here (the log line, the idle timer, the join) runs on
-		// this one goroutine's stack rather than on u's two, which then
-		// stay small. Joining here also lets a connect storm queue its
-		// joins as fast as they are accepted, so that ListenMessager hands
-		// them out in rounds: a new user's reader would first wait its turn
-		// behind every writer the last join woke.
+		s.conns.Add(1)
+		s.stats.accepted.Add(1)
+		// The user is made, logged and announced here, and its reader
+		// started, so that Handler's goroutine does none of it: see
+		// Handler.
 		u := newUser(s, conn)
 		s.log.Info("connect", "addr", u.Addr)
 		s.Online(u)
-		s.wg.Go(u.serve)
-		s.wg.Go(u.ListenMessage)
+		u.reader.Go(u.read)
+		s.wg.Add(1)
+		go s.Handler(u) // not wg.Go, whose frames would cost Handler stack
 	}
+}
+
+func outOfResources(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
 }
 
 // reject tells a connection the server is full, and closes it.
 func (s *Server) reject(conn net.Conn) {
 	s.log.Info("reject", "addr", conn.RemoteAddr().String(), "reason", "server full")
-	conn.SetDeadline(time.Now().Add(rejectLinger))
+	conn.SetDeadline(time.Now().Add(lingerTimeout))
 	conn.Write(replyFull)
-	// Close our side first and read what the client had already sent:
-	// closing with input unread would reset the connection, and a reset
-	// can destroy R9 before the client reads it.
-	if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-		var buf [512]byte
-		discard(conn, buf[:])
+	// Half-close, and read what the client had already sent: closing with
+	// input unread would reset the connection, and a reset can destroy R9
+	// before the client reads it.
+	closeWrite(conn)
+	var buf [512]byte
+	for {
+		if _, err := conn.Read(buf[:]); err != nil {
+			break
+		}
 	}
 	conn.Close()
 }
 
-// Online announces u to everyone, u first of all, and makes its name known.
-func (s *Server) Online(u *User) {
-	// The join goes into the queue before the name is in OnlineMap: a
-	// whisper to u can only be queued after the name is found, so it can
-	// never reach u before its own 已上线.
-	buf := lineBufs.get()
-	buf.b = appendUserLine(buf.b, u, "已上线")
-	s.message <- message{kind: msgJoin, user: u, line: buf.b, buf: buf}
-	s.mu.Lock()
-	s.OnlineMap[u.Name] = u
-	s.mu.Unlock()
+// Handler serves one user, as the course's Handler does: it runs the
+// select loop that writes the user's queue when it has something
+// (nextBatch, ListenMessage) and kicks the user when no line came for
+// s.idle. Once
+// the user has left and its queue is written, Handler waits for the
+// reader and closes the connection.
+//
+// Its goroutine waits most of its life and must stay in Go's smallest
+// stack, 2 KiB: a stack that grows to 4 KiB never shrinks back (a
+// goroutine waiting in a select uses more than the quarter of it that
+// allows), which costs 2 KiB more per user (gdb on the runtime's
+// goroutines, 2,000 idle users). The write and the deadline, the deepest
+// calls, are made one frame below this one, and the accept loop does the
+// rest: a log line takes 8 KiB of stack, and any allocation may have to
+// help the collector, deep in the runtime.
+func (s *Server) Handler(u *User) {
+	defer s.wg.Done()
+	var kick <-chan time.Time // nil, so never ready, without an idle kick
+	if u.idle != nil {
+		defer u.idle.Stop()
+		kick = u.idle.C
+	}
+	done := u.done
+	for open := true; open; {
+		select {
+		case <-u.out.wake:
+			open = u.nextBatch() && u.ListenMessage()
+		case <-kick:
+			u.checkIdle()
+		case <-done:
+			done = nil
+			u.offline()
+		}
+	}
+	u.offline() // the writer failed before u left
+	u.linger()
+	u.reader.Wait()
+	u.conn.Close()
 }
 
-// Offline removes u from the room and tells the rest (unless the server is
-// stopping).
-func (s *Server) Offline(u *User, reason string) {
+// Online makes u's name known and announces u to everyone, u first of all.
+func (s *Server) Online(u *User) {
 	s.mu.Lock()
-	if s.OnlineMap[u.Name] == u {
-		delete(s.OnlineMap, u.Name)
+	s.OnlineMap[u.Name] = u
+	s.changedLocked()
+	s.mu.Unlock()
+	u.inHub.Add(1)
+	s.Message <- message{kind: msgJoin, from: u, line: u.userLine([]byte("已上线"))}
+}
+
+// Offline takes u out of the room and tells the rest (unless the server
+// is stopping).
+func (s *Server) Offline(u *User) {
+	s.mu.Lock()
+	name := u.Name
+	if s.OnlineMap[name] == u {
+		delete(s.OnlineMap, name)
 	}
+	s.changedLocked()
 	s.mu.Unlock()
 	s.conns.Add(-1)
-	s.log.Info("disconnect", "addr", u.Addr, "name", u.Name, "reason", reason)
-	buf := lineBufs.get()
-	buf.b = appendUserLine(buf.b, u, "已下线")
-	s.message <- message{kind: msgLeave, user: u, line: buf.b, buf: buf}
+	attrs := []any{"addr", u.Addr, "name", name, "reason", u.reason().String()}
+	if u.err != nil && u.reason() != reasonClosed {
+		attrs = append(attrs, "err", u.err.Error())
+	}
+	s.log.Info("disconnect", attrs...)
+	line := make([]byte, 0, len(u.Addr)+len(name)+len("[]:已下线\n"))
+	line = append(append(append(append(line, '['), u.Addr...), ']'), name...)
+	s.Message <- message{kind: msgLeave, to: u, line: append(line, ":已下线\n"...)}
 }
 
 // BroadCast sends u's text to everyone, u included, as [addr]name:text.
 func (s *Server) BroadCast(u *User, text []byte) {
-	buf := lineBufs.get()
-	buf.b = append(appendUserPrefix(buf.b, u), text...)
-	buf.b = append(buf.b, '\n')
-	s.message <- message{kind: msgAll, line: buf.b, buf: buf}
+	u.inHub.Add(1)
+	s.Message <- message{kind: msgAll, from: u, line: u.userLine(text)}
 }
 
-// sendTo queues line for u alone, in the same order as every other line.
-func (s *Server) sendTo(u *User, line []byte, buf *buffer) {
-	s.message <- message{kind: msgTo, user: u, line: line, buf: buf}
+// sendTo queues line for to: a reply to one of from's commands, or one of
+// from's whispers. Whatever from sends must arrive in the order from sent
+// it, so while ListenMessager still holds some of from's messages this one
+// joins them; otherwise it goes to to's queue at once, which keeps most
+// replies and whispers off the hub's one goroutine.
+func (s *Server) sendTo(from, to *User, line []byte, whole bool) {
+	if from.inHub.Load() > 0 {
+		from.inHub.Add(1)
+		s.Message <- message{kind: msgTo, from: from, to: to, line: line, whole: whole}
+		return
+	}
+	s.queue(to, line, whole, &from.toWake) // from's reader wakes to's writer
 }
 
-// ListenMessager hands every queued line to its recipients. It is the only
-// goroutine that does, which is what gives all users one order of lines,
-// and it never blocks: a user's queue either takes the line or drops the user.
+// ListenMessager hands out the messages of s.Message one at a time, in
+// the order they were queued: that is what gives all users one order of
+// broadcasts, and a newcomer its own 已上线 first. It never blocks (a
+// queue either takes a line or drops its user) and never logs, so that no
+// client, and no stalled stderr, can hold up the room.
 //
 // It works in rounds: while more messages wait it hands them out too, up
-// to roundLines messages or wakeRound deliveries, and only then wakes the
-// writers it gave lines to. In a burst (a connect storm, a flood of
-// lines) a writer then wakes once for many lines and writes them at once,
-// where waking it for each line would cost a write, and the client a read,
-// per line. When nothing waits, a line's writers are woken at once.
+// to roundLines messages or roundDeliveries deliveries, and only then
+// wakes the writers it gave lines to. In a burst a writer then wakes once
+// for many lines and writes them with one system call; waking it for each
+// line cost a write per line per user, and cut fan-out to a fifth of the
+// limit server's (compare.sh). When nothing waits, a line's writers are
+// woken at once.
 func (s *Server) ListenMessager() {
-	for m := range s.message {
+	for m := range s.Message {
 		more := s.handOut(m)
-		for n := 1; more && n < roundLines && s.round < wakeRound && len(s.message) > 0; n++ {
-			more = s.handOut(<-s.message)
+		for n := 1; more && n < roundLines && s.round < roundDeliveries && len(s.Message) > 0; n++ {
+			more = s.handOut(<-s.Message)
 		}
-		s.wakeWriters()
+		s.toWake = wakeAll(s.toWake)
+		s.round = 0
 		if !more {
 			return
 		}
@@ -284,112 +363,77 @@ func (s *Server) handOut(m message) bool {
 	case msgAll:
 		s.fanOut(m.line)
 	case msgTo:
-		s.push(m.user, m.line)
-	case msgJoin:
-		m.user.idx = len(s.members)
-		s.members = append(s.members, m.user)
-		if s.stopping {
-			m.user.stop()
-		} else {
-			s.fanOut(m.line)
-		}
+		s.round++
+		s.queue(m.to, m.line, m.whole, &s.toWake)
+	case msgJoin: // the accept loop queues every join before the stop
+		u := m.from
+		u.idx = len(s.members)
+		s.members = append(s.members, u)
+		s.fanOut(m.line)
+		// From now on whispers find u: its 已上线 is queued first.
+		u.joined.Store(true)
 	case msgLeave:
-		s.removeMember(m.user)
+		s.removeMember(m.to)
 		if !s.stopping {
 			s.fanOut(m.line)
 		}
-		m.user.finish(nil)
+		m.to.seal(nil)
 	case msgShutdown:
 		s.stopping = true
 		for _, u := range s.members {
-			u.stop()
+			if u.leave(reasonStopping, nil) {
+				u.seal(replyStopping)
+			}
 		}
-	case msgQuiet:
-		ended := !s.busy && s.handed >= releaseAfter && s.drained()
-		if ended {
-			s.handed = 0
-		}
-		s.busy = false
-		m.reply <- ended
-		return true
 	case msgStop:
 		return false
 	}
-	s.busy = true
-	if m.buf != nil {
-		lineBufs.put(m.buf)
+	if m.from != nil {
+		m.from.inHub.Add(-1)
 	}
 	return true
 }
 
 func (s *Server) fanOut(line []byte) {
+	// One addition to the shared total for the whole fan-out, not one per
+	// user; the users who do not take the line are taken off after.
+	s.queued.Add(int64(len(line) * len(s.members)))
+	s.round += len(s.members)
+	lost := 0
 	for _, u := range s.members {
-		s.push(u, line)
+		took, wake := u.push(line, maxQueuedBytes, false)
+		if wake {
+			s.toWake = append(s.toWake, u)
+		}
+		if !took {
+			lost++
+		}
+	}
+	s.queued.Add(-int64(len(line) * lost))
+}
+
+// queue queues line for u alone. If u's writer must be woken, u is added
+// to *wake: whoever queues wakes the writers once it has queued all it
+// can (ListenMessager at the end of its round, a reader before it waits
+// for input), so that a burst costs a writer one wake and one write.
+func (s *Server) queue(u *User, line []byte, whole bool, wake *[]*User) {
+	s.queued.Add(int64(len(line)))
+	took, w := u.push(line, maxQueuedBytes, whole)
+	if w {
+		*wake = append(*wake, u)
+	}
+	if !took {
+		s.queued.Add(-int64(len(line)))
 	}
 }
 
-// push queues line for u, and notes u's writer for waking at the end of the
-// round if it may be asleep.
-func (s *Server) push(u *User, line []byte) {
-	s.round++
-	s.handed += len(line)
-	if u.push(line) {
-		s.toWake = append(s.toWake, u)
+// wakeAll wakes the writers of users, and returns the list emptied.
+func wakeAll(users []*User) []*User {
+	for _, u := range users {
+		u.wakeWriter()
 	}
-}
-
-// wakeWriters ends a round: it wakes the writers given lines in it.
-func (s *Server) wakeWriters() {
-	for _, u := range s.toWake {
-		u.out.signal()
-	}
-	clear(s.toWake)
-	s.toWake = s.toWake[:0]
-	s.round = 0
-}
-
-// drained reports whether every member's queue has been written.
-func (s *Server) drained() bool {
-	for _, u := range s.members {
-		if !u.out.empty() {
-			return false
-		}
-	}
-	return true
-}
-
-// releaseAfterBursts gives memory back to the operating system once a
-// burst is over, until ctx is done. A burst fills users' queues with
-// chunks, which go back to their pools once written; the runtime keeps
-// that memory for reuse for minutes unless asked, so a server that had one
-// connect storm would hold its peak for a long while. A burst is over when
-// a whole releaseCheck passed without a line and every queue is written.
-func (s *Server) releaseAfterBursts(ctx context.Context) {
-	t := time.NewTicker(releaseCheck)
-	defer t.Stop()
-	reply := make(chan bool, 1)
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		select {
-		case s.message <- message{kind: msgQuiet, reply: reply}:
-		case <-ctx.Done():
-			return
-		}
-		if !<-reply {
-			continue
-		}
-		// The first collection moves the pools' chunks to their victim
-		// caches; the second frees them, and returns what is free.
-		runtime.GC()
-		debug.FreeOSMemory()
-		var ms runtime.MemStats
-		runtime.ReadMemStats(&ms)
-		s.log.Info("release", "heap_bytes", ms.HeapAlloc, "stack_bytes", ms.StackInuse)
-	}
+	clear(users)
+	return users[:0]
 }
 
 func (s *Server) removeMember(u *User) {
@@ -398,6 +442,12 @@ func (s *Server) removeMember(u *User) {
 	s.members[u.idx].idx = u.idx
 	s.members[last] = nil
 	s.members = s.members[:last]
+}
+
+// changedLocked notes a change of OnlineMap; s.mu is held.
+func (s *Server) changedLocked() {
+	s.version++
+	s.whoReply = nil
 }
 
 // rename gives u the name if no online user holds it: the check and the
@@ -412,20 +462,34 @@ func (s *Server) rename(u *User, name string) error {
 	delete(s.OnlineMap, u.Name)
 	u.Name = name
 	s.OnlineMap[name] = u
+	s.changedLocked()
 	return nil
 }
 
-// lookup returns the online user called name, or nil.
+// lookup returns the online user called name, or nil. A newcomer is found
+// only once its 已上线 is queued for it, so that no whisper comes first.
 func (s *Server) lookup(name []byte) *User {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.OnlineMap[string(name)]
+	u := s.OnlineMap[string(name)]
+	s.mu.Unlock()
+	if u == nil || !u.joined.Load() {
+		return nil
+	}
+	return u
 }
 
-// who lists the online users sorted by name, one [addr]name:在线... line each.
+// who returns the who reply: one [addr]name:在线... line per online user,
+// sorted by name. It is built once per change of the room and shared by
+// every who until the next, so that in a big room a who costs a copy, not
+// a sort; the lines are sorted outside the lock.
 func (s *Server) who() []byte {
 	type entry struct{ name, addr string }
 	s.mu.Lock()
+	if s.whoReply != nil {
+		defer s.mu.Unlock()
+		return s.whoReply
+	}
+	version := s.version
 	list := make([]entry, 0, len(s.OnlineMap))
 	size := 0
 	for name, u := range s.OnlineMap {
@@ -442,7 +506,55 @@ func (s *Server) who() []byte {
 		out = append(out, e.name...)
 		out = append(out, ":在线...\n"...)
 	}
+	s.mu.Lock()
+	if s.version == version {
+		s.whoReply = out
+	}
+	s.mu.Unlock()
 	return out
+}
+
+// Giving memory back.
+const (
+	// releaseCheck is how often releaseMemory looks, and releaseAfter how
+	// many bytes must have been written to users since the last release
+	// for one to be worth its collections.
+	releaseCheck = 10 * time.Second
+	releaseAfter = 4 << 20
+)
+
+// releaseMemory gives memory back to the operating system after a burst
+// (a connect storm, a flood of lines). The chunks of users' queues go
+// back to their pools once written, and the pools and the runtime keep
+// them for reuse for minutes, so a server that had one storm would hold
+// its peak long after. Once a whole releaseCheck has passed without a
+// line received or a connection accepted, and releaseAfter bytes were
+// written since the last release, it collects twice (the first moves the
+// pools' chunks to their victim caches, the second frees them) and
+// returns the free pages (debug.FreeOSMemory). So it never runs while
+// lines flow, and at most once per quiet spell. It returns when ctx is
+// done.
+func (s *Server) releaseMemory(ctx context.Context) {
+	t := time.NewTicker(releaseCheck)
+	defer t.Stop()
+	var active, released int64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if a := s.stats.linesIn.Load() + s.stats.accepted.Load(); a != active {
+			active = a
+			continue
+		}
+		if written := s.stats.bytesOut.Load(); written-released >= releaseAfter {
+			released = written
+			runtime.GC()
+			debug.FreeOSMemory()
+			s.log.Info("release", "users", s.conns.Load())
+		}
+	}
 }
 
 // waitTimeout waits for wg, at most d; it reports whether wg finished.
@@ -460,32 +572,4 @@ func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {
 	case <-t.C:
 		return false
 	}
-}
-
-// buffer is a pooled byte slice; the pointer keeps Put free of allocation.
-type buffer struct{ b []byte }
-
-// bufferPool recycles buffers of one use; it drops those that grew past
-// max, so that one burst does not pin memory for ever.
-type bufferPool struct {
-	pool      sync.Pool
-	size, max int
-}
-
-// lineBufs holds the formatted lines on their way to ListenMessager.
-var lineBufs = &bufferPool{size: 256, max: 16 << 10}
-
-func (p *bufferPool) get() *buffer {
-	if b, ok := p.pool.Get().(*buffer); ok {
-		return b
-	}
-	return &buffer{b: make([]byte, 0, p.size)}
-}
-
-func (p *bufferPool) put(b *buffer) {
-	if cap(b.b) > p.max {
-		return
-	}
-	b.b = b.b[:0]
-	p.pool.Put(b)
 }

@@ -4,125 +4,181 @@ import (
 	"bytes"
 	"errors"
 	"io"
-	"math"
 	"math/bits"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unicode"
 	"unicode/utf8"
 )
 
-// User is one connection. Two goroutines serve it: serve reads and runs
-// its lines; ListenMessage writes its output, and is the only goroutine
-// that writes to conn. Its idle timer and the server's stop reach it from
-// outside, so that neither waits for a write to a client that stopped
-// reading.
+// User is one connection. Two goroutines serve it:
+//
+//   - read, the reader: it reads lines, cleans and parses them, and runs
+//     them (DoMessage);
+//   - Server.Handler: the select loop that kicks the user when no line
+//     came for srv.idle, and writes what waits in the user's queue
+//     (ListenMessage) whenever the queue says there is something: it is
+//     the only goroutine that writes to conn.
 type User struct {
-	Name string // guarded by srv.mu; only this user's reader changes it
+	Name string // guarded by srv.mu; only u's reader changes it
 	Addr string
 	conn net.Conn
 	srv  *Server
 
-	out      outbox
-	in       lineReader
-	idle     *time.Timer  // runs checkIdle; nil when srv.idle is 0
-	lastLine atomic.Int64 // when the last complete line arrived, since srv.epoch
-	reason   atomic.Pointer[string]
-	idx      int // position in srv.members; owned by ListenMessager
+	out outbox
+	in  lineReader
+	w   writer
 
-	// Owned by ListenMessage.
-	sending []*chunk    // the batch being written: sending[next].b[sent:] on
-	next    int         // index of the first chunk not yet all written
-	sent    int         // bytes of sending[next] already written
-	iov     [4][]byte   // the chunks of one write
-	bufs    net.Buffers // iov as writev takes it
+	why  atomic.Uint32 // the reason u left (a reason), 0 while u is online
+	err  error         // what failed, if that is why u left; set before done is closed
+	done chan struct{} // closed once u leaves
+
+	toWake []*User      // writers u's reader queued lines for, to wake before it reads
+	inHub  atomic.Int32 // u's messages that ListenMessager has not handed out yet
+	joined atomic.Bool  // ListenMessager has handed out u's 已上线
+	idx    int          // u's place in srv.members; ListenMessager's
+
+	lastLineAt atomic.Int64 // when the last complete line came, since srv.epoch
+
+	// Handler's own.
+	idle     *time.Timer // nil when nobody is kicked
+	offlined bool        // Offline has been called
+	reader   sync.WaitGroup
 }
 
 func newUser(s *Server, conn net.Conn) *User {
 	addr := conn.RemoteAddr().String()
-	u := &User{Name: addr, Addr: addr, conn: conn, srv: s}
+	u := &User{Name: addr, Addr: addr, conn: conn, srv: s, done: make(chan struct{})}
 	u.out.wake = make(chan struct{}, 1)
+	u.lastLineAt.Store(int64(time.Since(s.epoch)))
 	u.in.rd = conn
-	u.lastLine.Store(s.now())
+	u.in.beforeRead = u.wakeQueued
 	if s.idle > 0 {
-		// Made stopped and armed after the assignment, so checkIdle never
-		// runs before u.idle is set.
-		u.idle = time.AfterFunc(math.MaxInt64, u.checkIdle)
-		u.idle.Reset(s.idle)
+		u.idle = time.NewTimer(s.idle)
 	}
 	return u
 }
 
-// leaving records why u goes. The first reason wins; it reports whether
-// this one did. Once a reason is set, u runs no more lines.
-func (u *User) leaving(reason string) bool {
-	return u.reason.CompareAndSwap(nil, &reason)
+// reason says why a user left.
+type reason uint32
+
+const (
+	online reason = iota
+	reasonClosed
+	reasonReset
+	reasonReadFailed
+	reasonIdle
+	reasonSlowReader
+	reasonStalled
+	reasonStopping
+	reasonWriteFailed
+)
+
+var reasonText = [...]string{
+	online:            "online",
+	reasonClosed:      "closed by client",
+	reasonReset:       "reset by client",
+	reasonReadFailed:  "read failed",
+	reasonIdle:        "idle",
+	reasonSlowReader:  "slow reader",
+	reasonStalled:     "stalled",
+	reasonStopping:    "server stopping",
+	reasonWriteFailed: "write failed",
 }
 
-// serve is u's reader: it runs u's lines until the connection ends or u is
-// told to go, and takes u out of the room.
-func (u *User) serve() {
-	s := u.srv
-	err := u.readLines()
-	switch {
-	case err == io.EOF:
-		u.leaving("closed by client")
-	case err != nil:
-		u.leaving("read failed: " + err.Error())
+func (r reason) String() string { return reasonText[r] }
+
+// leave records why u goes, with the error if one caused it. The first
+// reason wins; it reports whether this one did. Once u has left it runs
+// no more lines, and Handler takes it out of the room.
+func (u *User) leave(r reason, err error) bool {
+	if !u.why.CompareAndSwap(uint32(online), uint32(r)) {
+		return false
 	}
-	if u.idle != nil {
-		u.idle.Stop()
-	}
-	s.Offline(u, *u.reason.Load())
-	if err == nil {
-		// Told to go: read on, dropping what comes, until the writer has
-		// closed the connection. Closing with input unread would reset it,
-		// and a reset can destroy R8 or R10 before the client reads it.
-		u.conn.SetReadDeadline(time.Time{})
-		discard(u.conn, u.in.small[:])
-	}
-	u.in.release()
+	u.err = err
+	close(u.done)
+	return true
 }
 
-// readLines runs u's lines until reading fails or u is told to go. Once u
-// is told to go (kicked, dropped, the server stops) nothing more is run,
-// not even the partial line that closing the connection turns up.
-func (u *User) readLines() error {
+func (u *User) gone() bool { return u.why.Load() != uint32(online) }
+
+func (u *User) reason() reason { return reason(u.why.Load()) }
+
+// read is u's reader. It runs u's lines one at a time, in order, until the
+// connection ends. Once u has left it runs nothing more, but reads on and
+// drops what comes until the client closes or the deadline set when u
+// left passes (see linger): closing a connection with input unread resets
+// it, and a reset can destroy the last lines (R8, R10) before the client
+// reads them.
+func (u *User) read() {
 	for {
 		line, err := u.in.next()
-		if u.reason.Load() != nil {
-			return nil
-		}
 		switch {
+		case err != nil && err != errLineTooLong && err != errLineEnd:
+			u.wakeQueued() // for the last line, which came without "\n"
+			if u.leave(readReason(err), err) {
+				// The client is going: what is queued for it (the replies
+				// to its last lines) gets flushTimeout.
+				u.out.mu.Lock()
+				u.deadlineLocked(time.Now().Add(flushTimeout))
+				u.out.mu.Unlock()
+			}
+			return
+		case u.gone():
 		case err == errLineTooLong:
-			u.srv.sendTo(u, replyTooLong, nil)
-		case err != nil:
-			return err
+			u.reply(replyTooLong)
 		default:
-			u.lastLine.Store(u.srv.now())
-			u.DoMessage(line)
+			u.arrived()
+			if err == nil {
+				u.DoMessage(line)
+			}
 		}
 	}
 }
 
-func (s *Server) now() int64 { return int64(time.Since(s.epoch)) }
+// wakeQueued wakes the writers of the lines u's reader has queued. The
+// reader does it before it waits for input: a client that sends many
+// lines at once (a paste, a pipelined client) then costs each recipient
+// one wake and one write for all of them, not one per line.
+func (u *User) wakeQueued() {
+	if u.toWake = wakeAll(u.toWake); cap(u.toWake) > 16 {
+		u.toWake = nil // a burst's list does not stay with the user
+	}
+}
+
+func readReason(err error) reason {
+	switch {
+	case err == io.EOF:
+		return reasonClosed
+	case errors.Is(err, syscall.ECONNRESET):
+		return reasonReset
+	}
+	return reasonReadFailed
+}
+
+// arrived notes a complete line: it is activity for the idle kick. A
+// line costs no timer: Handler's idle timer, when it fires, looks at when
+// the last line came.
+func (u *User) arrived() {
+	u.srv.stats.linesIn.Add(1)
+	u.lastLineAt.Store(int64(time.Since(u.srv.epoch)))
+}
 
 // DoMessage runs one line: clean it, then do what it says.
 func (u *User) DoMessage(line []byte) {
 	s := u.srv
 	if needsCleaning(line) {
-		scratch := lineBufs.get()
-		defer lineBufs.put(scratch)
-		scratch.b = appendClean(scratch.b, line)
-		line = scratch.b
+		line = appendClean(nil, line)
 	}
 	cmd := parseCommand(line)
 	switch cmd.kind {
 	case cmdEmpty:
 	case cmdWho:
-		s.sendTo(u, s.who(), nil)
+		s.sendTo(u, u, s.who(), true)
 	case cmdRename:
 		u.rename(cmd.name)
 	case cmdTo:
@@ -132,333 +188,417 @@ func (u *User) DoMessage(line []byte) {
 	}
 }
 
+func (u *User) reply(line []byte) { u.srv.sendTo(u, u, line, false) }
+
 func (u *User) rename(name []byte) {
 	s := u.srv
 	if !validName(name) {
-		s.sendTo(u, replyBadName, nil)
+		u.reply(replyBadName)
 		return
 	}
 	old := u.Name
 	if err := s.rename(u, string(name)); err != nil {
-		s.sendTo(u, replyNameTaken, nil)
+		u.reply(replyNameTaken)
 		return
 	}
 	s.log.Info("rename", "addr", u.Addr, "old", old, "new", u.Name)
-	buf := lineBufs.get()
-	buf.b = append(buf.b, "您已更新用户名："...)
-	buf.b = append(buf.b, name...)
-	buf.b = append(buf.b, '\n')
-	s.sendTo(u, buf.b, buf)
+	line := make([]byte, 0, len("您已更新用户名：")+len(name)+1)
+	line = append(line, "您已更新用户名："...)
+	line = append(line, name...)
+	u.reply(append(line, '\n'))
 }
 
 // whisper runs to|name|text; the checks go in the order PROTOCOL.md gives.
 func (u *User) whisper(name, text []byte) {
 	s := u.srv
 	if len(name) == 0 {
-		s.sendTo(u, replyBadFormat, nil)
+		u.reply(replyBadFormat)
 		return
 	}
 	to := s.lookup(name)
 	switch {
 	case to == nil:
-		s.sendTo(u, replyNoUser, nil)
+		u.reply(replyNoUser)
 	case len(text) == 0:
-		s.sendTo(u, replyNoText, nil)
+		u.reply(replyNoText)
 	default:
-		buf := lineBufs.get()
-		buf.b = append(buf.b, u.Name...)
-		buf.b = append(buf.b, "对您说:"...)
-		buf.b = append(buf.b, text...)
-		buf.b = append(buf.b, '\n')
-		s.sendTo(to, buf.b, buf)
+		line := make([]byte, 0, len(u.Name)+len("对您说:")+len(text)+1)
+		line = append(line, u.Name...)
+		line = append(line, "对您说:"...)
+		line = append(line, text...)
+		s.sendTo(u, to, append(line, '\n'), false)
 	}
 }
 
-// appendUserPrefix appends "[addr]name:". Only u's own reader may call it:
-// it is the one goroutine that sees u.Name without the lock.
-func appendUserPrefix(dst []byte, u *User) []byte {
-	dst = append(dst, '[')
-	dst = append(dst, u.Addr...)
-	dst = append(dst, ']')
-	dst = append(dst, u.Name...)
-	return append(dst, ':')
+// userLine formats "[addr]name:text\n" as a line of its own. Only u's
+// reader, or its Handler before the reader starts, may call it: they are
+// the goroutines that see u.Name without the lock.
+func (u *User) userLine(text []byte) []byte {
+	line := make([]byte, 0, len(u.Addr)+len(u.Name)+len(text)+4)
+	line = append(line, '[')
+	line = append(line, u.Addr...)
+	line = append(line, ']')
+	line = append(line, u.Name...)
+	line = append(line, ':')
+	line = append(line, text...)
+	return append(line, '\n')
 }
 
-func appendUserLine(dst []byte, u *User, text string) []byte {
-	dst = append(appendUserPrefix(dst, u), text...)
-	return append(dst, '\n')
-}
+// The idle kick and the writer, both on Handler's goroutine.
 
-// push queues line for u without ever blocking, and reports whether u's
-// writer must be woken to write it. A user whose queue would pass
-// maxQueuedBytes has stopped reading and is dropped.
-func (u *User) push(line []byte) (wake bool) {
-	wake, ok := u.out.push(line)
-	if ok {
-		return wake
-	}
-	if u.leaving("output queue over limit (client stopped reading)") {
-		u.srv.log.Warn("drop", "addr", u.Addr, "reason", "slow reader", "limit_bytes", maxQueuedBytes)
-	}
-	// Closing is not writing: it ends a write in progress at once, and the
-	// reader then fails and takes u out of the room.
-	u.conn.Close()
-	return false
-}
-
-// ListenMessage is u's writer: it hands u's queued lines to the kernel,
-// all that waits at once, until the queue is sealed and written or a write
-// fails. It sets no deadline and arms no timer: those run on the stack of
-// the goroutine that does them, and a writer that never does them stays
-// within the smallest goroutine stack while it waits.
-func (u *User) ListenMessage() {
-	defer u.conn.Close()
-	for range u.out.wake {
-		if !u.flush() {
-			return
-		}
-	}
-}
-
-// checkIdle runs on u's idle timer: it kicks u if no line came for
-// srv.idle, and otherwise sets the timer for the time left. The reader only
-// stamps lastLine, so a line costs no timer operation.
+// checkIdle runs when u's idle timer fires, or when a write gives up at
+// the kick's time: it kicks u if no line came for srv.idle, and otherwise
+// sets the timer for the time left.
 func (u *User) checkIdle() {
 	s := u.srv
-	if u.reason.Load() != nil {
+	if u.gone() {
 		return
 	}
-	if left := s.idle - time.Duration(s.now()-u.lastLine.Load()); left > 0 {
+	if left := s.idle - time.Since(u.lastLine()); left > 0 {
 		u.idle.Reset(left)
 		return
 	}
-	if u.leaving("idle") {
+	if u.leave(reasonIdle, nil) {
 		s.log.Info("kick", "addr", u.Addr, "idle", s.idle)
-		u.tell(replyKicked)
+		u.seal(replyKicked)
+		u.offline() // out of the room now, not after the last flush
 	}
 }
 
-// stop tells u that the server stops.
-func (u *User) stop() {
-	u.leaving("server stopping")
-	u.tell(replyStopping)
+func (u *User) lastLine() time.Time {
+	return u.srv.epoch.Add(time.Duration(u.lastLineAt.Load()))
 }
 
-// tell ends u from the server's side: final is its last line, and the
-// reader is woken, so that u leaves the room now rather than once the last
-// flush is done.
-func (u *User) tell(final []byte) {
-	u.finish(final)
-	u.conn.SetReadDeadline(aLongTimeAgo)
-}
-
-// finish seals u's queue after final (if not nil) and gives the writer
-// flushTimeout to write what is left; a write blocked on a client that
-// stopped reading then fails.
-func (u *User) finish(final []byte) {
-	u.out.seal(final)
-	u.conn.SetWriteDeadline(time.Now().Add(flushTimeout))
-}
-
-// aLongTimeAgo is a deadline that has passed: it ends a blocked read at once.
-var aLongTimeAgo = time.Unix(1, 0)
-
-// discard reads and drops what conn sends until reading fails: at EOF, at
-// a deadline, or when conn is closed.
-func discard(conn net.Conn, buf []byte) {
-	for {
-		if _, err := conn.Read(buf); err != nil {
-			return
-		}
+// offline takes u out of the room, once. u has left: whoever won leave
+// closes done once it has set the error, which Offline logs.
+func (u *User) offline() {
+	if !u.offlined {
+		u.offlined = true
+		<-u.done
+		u.srv.Offline(u)
 	}
 }
 
-// writePiece bounds one write, so that what a client has taken stops
-// counting against maxQueuedBytes after at most this much, even while the
-// rest of a big batch is still on its way.
-const writePiece = 64 << 10
-
-// flush writes until the queue is empty. It reports whether u is still
-// open: false once the queue is sealed and written, or a write failed.
-func (u *User) flush() bool {
-	for {
-		if u.next == len(u.sending) {
-			var first *chunk
-			if len(u.sending) > 0 && cap(u.sending[0].b) == minChunk {
-				first, u.sending[0] = u.sending[0], nil
-				first.b = first.b[:0]
-			}
-			freeChunks(u.sending)
-			var sealed bool
-			u.sending, sealed = u.out.take(u.sending, first)
-			u.next, u.sent = 0, 0
-			if len(u.sending) == 0 {
-				u.sending = shrink(u.sending)
-				return !sealed
-			}
-		}
-		if err := u.write(); err != nil {
-			u.leaving("write failed: " + err.Error())
-			u.out.seal(nil)
-			rest, _ := u.out.take(nil, nil)
-			freeChunks(rest)
-			freeChunks(u.sending)
-			u.sending = nil
-			return false
-		}
-	}
-}
-
-// write hands the kernel the next piece of the batch: one chunk with
-// write, several with one writev.
-func (u *User) write() error {
-	iov, size := u.iov[:0], 0
-	for _, c := range u.sending[u.next:] {
-		b := c.b
-		if len(iov) == 0 {
-			b = b[u.sent:]
-		} else if len(iov) == len(u.iov) || size+len(b) > writePiece {
-			break
-		}
-		iov = append(iov, b)
-		size += len(b)
-	}
-	var n int64
-	var err error
-	if len(iov) == 1 {
-		var k int
-		k, err = u.conn.Write(iov[0])
-		n = int64(k)
-	} else {
-		u.bufs = iov
-		n, err = u.bufs.WriteTo(u.conn)
-	}
-	clear(u.iov[:])
-	u.out.inflight.Add(-n)
-	for n > 0 { // step past what was written
-		left := int64(len(u.sending[u.next].b) - u.sent)
-		if n < left {
-			u.sent += int(n)
-			break
-		}
-		n -= left
-		u.next, u.sent = u.next+1, 0
-	}
-	return err
-}
-
-// outbox is a user's queue of unsent bytes. Its bound is in bytes, which a
-// channel of lines cannot express (and a channel deep enough for 1 MiB of
-// short lines would cost every user that depth up front), so the bytes
-// wait in chunks and a channel of capacity one says there is something to
-// write.
+// outbox is a user's outbound queue, the course's channel C. Its bound is
+// in bytes, which a channel of lines cannot express (and a channel deep
+// enough for 1 MiB of short lines would cost every user that depth up
+// front), so the lines wait in chunks and a channel of capacity one says
+// there is something to write. Everything but wake is guarded by mu.
+//
+// What counts against the bound is queued+inflight: the bytes not yet
+// written. srv.queued sums it over all users.
 type outbox struct {
 	mu       sync.Mutex
-	pending  []*chunk     // in order; the last may have room
-	first    *chunk       // an empty small chunk for the next first line, kept while busy
-	queued   int          // bytes in pending
-	inflight atomic.Int64 // bytes taken by the writer and not yet written
-	sealed   atomic.Bool
+	chunks   []*chunk  // the lines waiting, in order; the last may have room
+	queued   int       // bytes in chunks
+	inflight int       // bytes the writer has taken and not written yet
+	sealed   bool      // nothing more is queued: once it is written the writer ends
+	stallAt  time.Time // the batch being written stalls: the client took nothing since stallTimeout
+	deadline time.Time // the write deadline nextBatch set
+	final    time.Time // once u leaves, the deadline of reads and writes; only moves earlier
 	wake     chan struct{}
 }
 
-// push appends line unless the queue is sealed, and reports whether the
-// queue was empty, so that the writer may be asleep. It reports ok false,
-// and seals the queue, when line would take it past maxQueuedBytes.
-func (o *outbox) push(line []byte) (wasEmpty, ok bool) {
+// push queues line for u without ever blocking. It reports whether u took
+// the line, and whether u's writer may be asleep and must be woken. u does
+// not take it once its queue is sealed, or when line would take what
+// waits past bound: then u has stopped reading and is dropped. A who reply
+// (whole) is taken whole if less than bound waited before it, so that a
+// user's own who never drops it.
+func (u *User) push(line []byte, bound int, whole bool) (took, wake bool) {
+	o := &u.out
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if o.sealed.Load() {
-		return false, true
-	}
-	if o.queued+int(o.inflight.Load())+len(line) > maxQueuedBytes {
-		o.sealed.Store(true)
-		freeChunks(o.pending)
-		o.pending, o.queued = nil, 0
+	if o.sealed {
 		return false, false
 	}
-	wasEmpty = len(o.pending) == 0
+	waiting := o.queued + o.inflight
+	if waiting+len(line) > bound && !(whole && waiting < bound) {
+		u.leave(reasonSlowReader, nil)
+		u.abortLocked()
+		return false, false
+	}
+	wake = o.queued == 0
 	o.appendLocked(line)
-	return wasEmpty, true
+	return true, wake
 }
 
 func (o *outbox) appendLocked(line []byte) {
 	o.queued += len(line)
 	for len(line) > 0 {
-		n := len(o.pending)
-		if n == 0 || len(o.pending[n-1].b) == cap(o.pending[n-1].b) {
-			var c *chunk
-			if n == 0 && o.first != nil {
-				c, o.first = o.first, nil
-			} else {
-				c = newChunk(n)
-			}
-			o.pending = append(o.pending, c)
+		n := len(o.chunks)
+		if n == 0 || len(o.chunks[n-1].b) == cap(o.chunks[n-1].b) {
+			o.chunks = append(o.chunks, newChunk(n))
 			n++
 		}
-		last := o.pending[n-1]
+		last := o.chunks[n-1]
 		k := copy(last.b[len(last.b):cap(last.b)], line)
 		last.b = last.b[:len(last.b)+k]
 		line = line[k:]
 	}
 }
 
-// empty reports whether everything queued has been written.
-func (o *outbox) empty() bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.queued == 0 && o.inflight.Load() == 0
-}
-
-func (o *outbox) signal() {
+func (u *User) wakeWriter() {
 	select {
-	case o.wake <- struct{}{}:
+	case u.out.wake <- struct{}{}:
 	default:
 	}
 }
 
-// seal ends the queue, after final if it is not nil.
-func (o *outbox) seal(final []byte) {
+// seal ends u's queue after final (if not nil): the writer writes what
+// waits, then final, then stops. From now on the writer and the lingering
+// reader have flushTimeout left, so that a client that stopped reading
+// holds nothing up for longer.
+func (u *User) seal(final []byte) {
+	o := &u.out
 	o.mu.Lock()
-	if !o.sealed.Load() {
-		o.sealed.Store(true)
+	if !o.sealed {
+		o.sealed = true
 		o.appendLocked(final)
+		u.srv.queued.Add(int64(len(final)))
 	}
+	u.deadlineLocked(time.Now().Add(flushTimeout))
 	o.mu.Unlock()
-	o.signal()
+	u.wakeWriter()
 }
 
-// take hands the writer every chunk that waits, in spare's place, and
-// says whether the queue is sealed (so nothing more will come once these
-// are written). first is the small first chunk of the batch just written,
-// emptied: while more waits, the queue keeps it for its next first line,
-// which then costs no trip through the pool (a connect storm is a long run
-// of one-line batches); once nothing waits, the writer is about to sleep
-// and it goes back, so an idle user holds no chunk.
-func (o *outbox) take(spare []*chunk, first *chunk) (chunks []*chunk, sealed bool) {
+// abortLocked drops what waits for u and ends its connection's reads and
+// writes at once, so that u leaves now; u.out.mu is held.
+func (u *User) abortLocked() {
+	o := &u.out
+	o.sealed = true
+	u.srv.queued.Add(-int64(o.queued))
+	freeChunks(o.chunks)
+	o.chunks, o.queued = nil, 0
+	u.deadlineLocked(aLongTimeAgo)
+	u.wakeWriter()
+}
+
+// deadlineLocked moves the connection's deadline to d unless it is already
+// earlier; u.out.mu is held.
+func (u *User) deadlineLocked(d time.Time) {
+	o := &u.out
+	if o.final.IsZero() || d.Before(o.final) {
+		o.final = d
+		u.conn.SetDeadline(d)
+	}
+}
+
+// aLongTimeAgo is a deadline that has passed: it ends a blocked read or
+// write at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// ListenMessage writes the batch nextBatch took (or the rest of it, after
+// a timeout), in pieces of whole chunks, each one write (writev for
+// several). It reports false once u's connection is done with: the last
+// batch is written, or a write failed. Handler runs both when the queue
+// says there is something, so Handler's goroutine is the only one that
+// writes to conn.
+func (u *User) ListenMessage() bool {
+	w := &u.w
+	for len(w.bufs) > 0 || w.next < len(w.batch) {
+		if len(w.bufs) == 0 {
+			w.piece()
+		}
+		var n int64
+		var err error
+		if len(w.bufs) == 1 { // the common case, and no iovec for it
+			var k int
+			k, err = u.conn.Write(w.bufs[0])
+			if w.bufs[0], n = w.bufs[0][k:], int64(k); len(w.bufs[0]) == 0 {
+				w.bufs = w.bufs[:0]
+			}
+		} else {
+			n, err = w.bufs.WriteTo(u.conn) // consumes what it wrote
+		}
+		u.wrote(int(n))
+		w.took = w.took || n > 0
+		if err != nil {
+			return u.timedOut(err)
+		}
+	}
+	clear(w.iov[:])
+	freeChunks(w.batch)
+	return !w.last
+}
+
+// nextBatch takes what waits in u's queue for ListenMessage, unless the
+// last batch is not all written, and sets the deadline of the writes:
+// the earliest of the batch's stall (stallTimeout after it began, or
+// after the client last took some of it) and the idle kick, unless u is
+// leaving and its deadline is set already. It reports false if the queue
+// is sealed and written. Handler calls it from its own frame: setting a
+// deadline goes deep into the runtime, and the write path must fit in the
+// smallest stack (see Handler).
+//
+// The deadline is moved only when it moves by deadlineSlack or more, so
+// that a user who gets a line every few milliseconds costs a timer change
+// a second rather than one per line (latency p99 1.33× → 1.10× the limit
+// server's, compare.sh). A deadline left in place fires up to that much
+// early, and the write then resumes with an exact one (a TLS connection
+// cannot resume: its client is dropped, up to a second early).
+func (u *User) nextBatch() bool {
+	o, w := &u.out, &u.w
 	o.mu.Lock()
-	chunks = o.pending
-	o.pending = spare[:0]
-	o.inflight.Store(int64(o.queued))
-	o.queued = 0
-	sealed = o.sealed.Load()
-	unused := [2]*chunk{first}
-	switch {
-	case len(chunks) == 0:
-		unused[1], o.first = o.first, nil
-	case o.first == nil:
-		o.first, unused[0] = first, nil
+	defer o.mu.Unlock()
+	now := time.Now()
+	if len(w.bufs) == 0 && w.next == len(w.batch) {
+		w.batch, o.chunks = o.chunks, w.batch[:0]
+		o.inflight, o.queued = o.queued, 0
+		w.next, w.last = 0, o.sealed
+		if len(w.batch) == 0 {
+			// The list and the queue's swap places batch after batch:
+			// short ones stay for reuse (dropping them made a connect
+			// storm's garbage twice its peak's worth of queued lines); a
+			// long one, left by a burst, goes.
+			if cap(w.batch) > 4 {
+				w.batch = nil
+			}
+			return !o.sealed
+		}
+		o.stallAt = now.Add(stallTimeout)
 	}
-	o.mu.Unlock()
-	freeChunks(unused[:])
-	return chunks, sealed
+	if !o.final.IsZero() {
+		return true
+	}
+	if o.stallAt.IsZero() { // the client took some of the batch
+		o.stallAt = now.Add(stallTimeout)
+	}
+	w.took = false
+	d := o.stallAt
+	if u.idle != nil {
+		if kick := u.lastLine().Add(u.srv.idle); kick.Before(d) {
+			d = kick
+		}
+	}
+	if d.Before(o.deadline) || d.Sub(o.deadline) >= deadlineSlack {
+		o.deadline = d
+		u.conn.SetWriteDeadline(d)
+	}
+	return true
 }
 
-// chunk is a piece of a user's queue. Its capacity is fixed by its class:
-// a queue's first chunk is small (a line, or the few lines of a connect
-// storm), and each next one twice the last, up to 16 KiB. Each class has
-// its own pool, so a chunk that served one user's burst never sits half
-// empty in another's queue, and a queue grows without copying.
+// deadlineSlack: see nextBatch.
+const deadlineSlack = time.Second
+
+// writePiece bounds one write: what the client has taken stops counting
+// against the bound after at most this much.
+const writePiece = 64 << 10
+
+// piece sets w.bufs to the next chunks of the batch, at most len(w.iov)
+// of them and writePiece bytes (or one chunk).
+func (w *writer) piece() {
+	w.bufs = w.iov[:0]
+	size := 0
+	for ; w.next < len(w.batch) && len(w.bufs) < len(w.iov); w.next++ {
+		b := w.batch[w.next].b
+		if len(w.bufs) > 0 && size+len(b) > writePiece {
+			break
+		}
+		w.bufs = append(w.bufs, b)
+		size += len(b)
+	}
+}
+
+// timedOut decides what a failed write means. A timeout is a stall only
+// if the client took nothing since the deadline was set, stallTimeout
+// before (so a client that stopped reading is dropped between 2 and 4
+// minutes after the last byte it took, and at 2 if it took none); at the
+// kick's time, u is kicked; otherwise (the client took some, or a line
+// moved the kick) the rest of the batch gets a new deadline. It reports
+// whether u's connection goes on.
+func (u *User) timedOut(err error) bool {
+	o := &u.out
+	o.mu.Lock()
+	now := time.Now()
+	if u.w.took {
+		o.stallAt = time.Time{} // nextBatch starts the clock again
+	}
+	stalled := !o.stallAt.IsZero() && !now.Before(o.stallAt)
+	leaving := !o.final.IsZero()
+	early := now.Before(o.deadline) // a timeout that stays (TLS's)
+	o.mu.Unlock()
+	switch {
+	case !errors.Is(err, os.ErrDeadlineExceeded) || early && !leaving:
+		u.fail(reasonWriteFailed, err)
+		return false
+	case leaving || stalled:
+		u.fail(reasonStalled, err)
+		return false
+	case u.idle != nil && !u.gone() && time.Since(u.lastLine()) >= u.srv.idle:
+		u.checkIdle()
+	}
+	u.wakeWriter() // the rest of the batch waits
+	return true
+}
+
+func (u *User) wrote(n int) {
+	o := &u.out
+	o.mu.Lock()
+	o.inflight -= n
+	o.mu.Unlock()
+	u.srv.queued.Add(-int64(n))
+	u.srv.stats.bytesOut.Add(int64(n))
+}
+
+// writer is what ListenMessage keeps between batches, so that a writev
+// costs no allocation.
+type writer struct {
+	batch []*chunk
+	next  int  // batch[next] is the first chunk not in bufs yet
+	last  bool // the queue was sealed when batch was taken: nothing follows it
+	took  bool // the client took some of the batch since the deadline was set
+	iov   [4][]byte
+	bufs  net.Buffers // the piece being written, what is left of it
+}
+
+// fail ends u after a write failed: nothing more will be written.
+func (u *User) fail(r reason, err error) {
+	u.leave(r, err)
+	w := &u.w
+	freeChunks(w.batch)
+	clear(w.iov[:])
+	w.batch, w.next, w.bufs = nil, 0, nil
+	o := &u.out
+	o.mu.Lock()
+	u.srv.queued.Add(-int64(o.inflight))
+	o.inflight = 0
+	u.abortLocked()
+	o.mu.Unlock()
+}
+
+// linger ends u's connection once its last line is written: it tells the
+// client that nothing more comes, and leaves the reader lingerTimeout to
+// read what the client still sends, so that the close does not reset the
+// connection while the last lines may still be on their way.
+func (u *User) linger() {
+	closeWrite(u.conn)
+	u.out.mu.Lock()
+	u.deadlineLocked(time.Now().Add(lingerTimeout))
+	u.out.mu.Unlock()
+}
+
+// closeWrite tells the client that nothing more comes (TCP's FIN, TLS's
+// close_notify) while its input can still be read. A connection that
+// cannot half-close (net.Pipe) is closed.
+func closeWrite(conn net.Conn) {
+	if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+		return
+	}
+	conn.Close()
+}
+
+// chunk is a piece of a user's queue. A queue's first chunk is small (a
+// line, or the few lines of a connect storm) and each next one twice the
+// last, up to 16 KiB: a queue of n bytes holds at most about 2n, and grows
+// without copying. Each size has its own pool, so that a chunk that served
+// one user's burst never sits half empty in another's queue; without the
+// pools, fan-out fell from 0.87× to 0.58× of the limit server's
+// (compare.sh), for the allocations and collections. (A first chunk that
+// grows by copying, for one write per batch, left each user's smaller
+// sizes idle in the pools through a connect storm: a fifth more memory at
+// its peak.)
 type chunk struct{ b []byte }
 
 const (
@@ -477,6 +617,7 @@ func newChunk(n int) *chunk {
 	return &chunk{b: make([]byte, 0, minChunk<<class)}
 }
 
+// freeChunks gives written chunks back to their pools.
 func freeChunks(chunks []*chunk) {
 	for i, c := range chunks {
 		if c == nil {
@@ -488,51 +629,45 @@ func freeChunks(chunks []*chunk) {
 	}
 }
 
-// shrink keeps a short list for reuse and lets a long one (left by a
-// burst) go, so that an idle user holds nothing a burst grew.
-func shrink[T any](list []T) []T {
-	if cap(list) > 8 {
-		return nil
-	}
-	return list[:0]
-}
-
 // Reading lines.
 
 const (
-	// smallReadBytes is the buffer an idle connection waits with: enough
-	// for a typed line, so that a chat line costs one read.
+	// smallReadBytes is the buffer a connection waits for input with:
+	// enough for a typed line, so that a chat line costs one read.
 	smallReadBytes = 256
-	// bigReadBytes is the buffer used while data keeps coming. It holds an
-	// over-long line's first maxLineBytes+1 bytes with room to read more.
+	// bigReadBytes is the buffer used while more input waits than the small
+	// one holds. It holds an over-long line's first maxLineBytes+1 bytes
+	// with room to read more.
 	bigReadBytes = 2 * maxLineBytes
 )
 
-var errLineTooLong = errors.New("line too long")
-
-var bigReads = sync.Pool{New: func() any { return new([bigReadBytes]byte) }}
+var (
+	errLineTooLong = errors.New("line too long")
+	errLineEnd     = errors.New("end of a line too long")
+)
 
 // lineReader cuts a byte stream into lines of at most maxLineBytes. It
-// waits for input in a small buffer of its own and borrows a big one only
-// while a burst or a long line needs it, so an idle connection holds no
-// read buffer it is not using.
+// waits for input in a small buffer of its own and takes a big one only
+// while more input waits than that holds, so an idle connection holds no
+// read buffer it does not use.
 type lineReader struct {
-	rd    io.Reader
-	buf   []byte // small[:] or big[:]
-	r, w  int    // buf[r:w] is read and not yet returned
-	big   *[bigReadBytes]byte
-	busy  bool  // the last read brought at least len(small) bytes: more may follow
-	skip  bool  // inside an over-long line: drop bytes up to its "\n"
-	err   error // the read error, returned once the buffered lines are
-	small [smallReadBytes]byte
+	rd         io.Reader
+	beforeRead func() // if not nil, called before each read
+	buf        []byte // small[:] or big[:]
+	r, w       int    // buf[r:w] is read and not yet returned
+	big        *[bigReadBytes]byte
+	full       bool  // the last read filled buf: more input is likely waiting
+	skip       bool  // inside an over-long line: drop bytes up to its "\n"
+	err        error // the read error, returned once the buffered lines are
+	small      [smallReadBytes]byte
 }
 
 // next returns the next line, without its "\n" and one "\r" before it; the
 // slice is valid until the next call. A last line without "\n" is returned
-// before the read error. A line over maxLineBytes is reported once, as
-// errLineTooLong, as soon as the limit is passed; the rest of it is
-// skipped, and its "\n" comes back as an empty line, since that is when
-// the line is complete (and counts as activity).
+// before the read error. A line over maxLineBytes is reported as
+// errLineTooLong as soon as the limit is passed, the rest of it is
+// skipped, and errLineEnd reports its "\n", since that is when the line is
+// complete (and counts as activity).
 func (lr *lineReader) next() ([]byte, error) {
 	for {
 		pending := lr.buf[lr.r:lr.w]
@@ -541,7 +676,7 @@ func (lr *lineReader) next() ([]byte, error) {
 		case lr.skip && i >= 0:
 			lr.r += i + 1
 			lr.skip = false
-			return pending[:0], nil
+			return nil, errLineEnd
 		case lr.skip:
 			lr.r = lr.w
 		case i >= 0:
@@ -578,36 +713,32 @@ func trimCR(line []byte) []byte {
 }
 
 // fill reads once, after moving what is left to the front of a buffer of
-// the right size.
+// the right size: the big one while the last read filled the buffer or
+// what is left does not fit the small one, the small one otherwise.
 func (lr *lineReader) fill() {
 	if lr.buf == nil {
 		lr.buf = lr.small[:]
 	}
 	lr.w = copy(lr.buf, lr.buf[lr.r:lr.w])
 	lr.r = 0
-	needBig := lr.busy || lr.w >= len(lr.small)
+	needBig := lr.full || lr.w >= len(lr.small)
 	switch {
 	case needBig && lr.big == nil:
-		lr.big = bigReads.Get().(*[bigReadBytes]byte)
+		lr.big = new([bigReadBytes]byte)
 		copy(lr.big[:], lr.buf[:lr.w])
 		lr.buf = lr.big[:]
 	case !needBig && lr.big != nil:
 		copy(lr.small[:], lr.buf[:lr.w])
-		lr.release()
-	}
-	n, err := lr.rd.Read(lr.buf[lr.w:])
-	lr.w += n
-	lr.busy = n >= len(lr.small)
-	lr.err = err
-}
-
-// release gives the big buffer back; buf[r:w] must fit in small.
-func (lr *lineReader) release() {
-	if lr.big != nil {
-		bigReads.Put(lr.big)
 		lr.big = nil
 		lr.buf = lr.small[:]
 	}
+	if lr.beforeRead != nil {
+		lr.beforeRead()
+	}
+	n, err := lr.rd.Read(lr.buf[lr.w:])
+	lr.w += n
+	lr.full = lr.w == len(lr.buf)
+	lr.err = err
 }
 
 // Cleaning lines.
