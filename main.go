@@ -35,8 +35,13 @@ func run(args []string, stderr io.Writer) int {
 	fs.Var(&idle, "idle", "kick a user who sends no line for this `duration` (10s, 5m, 1h30m), 0 to never kick")
 	maxConns := rangeFlag{v: 10000, max: math.MaxInt32}
 	fs.Var(&maxConns, "max-conns", "most `users` online at once, 0 for no limit")
+	perIP := rangeFlag{v: 16, max: math.MaxInt32}
+	fs.Var(&perIP, "max-conns-per-ip", "most `users` online at once from one address (IPv4, or IPv6 /64), which may also open twice as many connections at once and as many a minute; 0 for no limit")
+	rate := rateFlag(5)
+	fs.Var(&rate, "rate", "flood control: the `units` a user's budget of 20 gets back each second (a line costs one per started 512 bytes), 0 for no limit")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: server [-ip 127.0.0.1] [-port 8888] [-idle 5m] [-max-conns 10000]\n\n"+
+		fmt.Fprintf(fs.Output(), "Usage: server [-ip 127.0.0.1] [-port 8888] [-idle 5m] [-max-conns 10000]\n"+
+			"              [-max-conns-per-ip 16] [-rate 5]\n\n"+
 			"A TCP chat server. Connect with: nc 127.0.0.1 8888\n\n")
 		fs.PrintDefaults()
 	}
@@ -68,12 +73,20 @@ func run(args []string, stderr io.Writer) int {
 	// raises SIGPIPE, before the server has told its users it stops. With
 	// the signal ignored, that write just fails.
 	signal.Ignore(syscall.SIGPIPE)
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// Closing the terminal sends SIGHUP; it stops the server as SIGTERM
+	// does, unless the server was started with it ignored (nohup), to
+	// outlive its terminal: asking for it would undo that.
+	stopSignals := []os.Signal{os.Interrupt, syscall.SIGTERM}
+	if !signal.Ignored(syscall.SIGHUP) {
+		stopSignals = append(stopSignals, syscall.SIGHUP)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), stopSignals...)
 	defer stop()
 	// After the first signal, a second one kills the process at once.
 	context.AfterFunc(ctx, stop)
 
-	if err := NewServer(log, Config{Idle: time.Duration(idle), MaxConns: maxConns.v}).Serve(ctx, ln); err != nil {
+	cfg := Config{Idle: time.Duration(idle), MaxConns: maxConns.v, MaxConnsPerIP: perIP.v, Rate: float64(rate)}
+	if err := NewServer(log, cfg).Serve(ctx, ln); err != nil {
 		fmt.Fprintf(stderr, "server: %v\n", err)
 		return 1
 	}
@@ -91,6 +104,20 @@ func (f *rangeFlag) Set(s string) error {
 		return fmt.Errorf("want a whole number from 0 to %d", f.max)
 	}
 	f.v = v
+	return nil
+}
+
+// rateFlag is a number of units per second, 0 or more.
+type rateFlag float64
+
+func (f *rateFlag) String() string { return strconv.FormatFloat(float64(*f), 'g', -1, 64) }
+
+func (f *rateFlag) Set(s string) error {
+	v, err := strconv.ParseFloat(s, 64)
+	if err != nil || v < 0 || math.IsInf(v, 0) || math.IsNaN(v) {
+		return errors.New("want a number of units a second, 0 or more, such as 5 or 0.5")
+	}
+	*f = rateFlag(v)
 	return nil
 }
 

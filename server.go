@@ -5,6 +5,8 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"net/netip"
+	"os"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -25,6 +27,12 @@ const (
 	// A user whose queue would pass it has stopped reading: it is
 	// disconnected at once, so that nobody else ever waits for it.
 	maxQueuedBytes = 1 << 20
+	// maxQueuedTotal bounds the output waiting for all users together:
+	// while it is passed, each user's bound is tightQueuedBytes, so that
+	// those furthest behind go first and the server's memory stays bounded
+	// whatever its clients do.
+	maxQueuedTotal   = 256 << 20
+	tightQueuedBytes = 64 << 10
 	// maxNameRunes is the longest name rename| accepts.
 	maxNameRunes = 32
 	// stallTimeout drops a user whose connection has taken none of its
@@ -41,6 +49,23 @@ const (
 	// last line (R8, R9, R10…) is written, reading what the client still
 	// sends, so that closing it does not reset it.
 	lingerTimeout = time.Second
+	// Flood control (-rate): a user's budget holds budgetUnits, refilled
+	// at the rate. A line costs a unit per started unitBytes as received,
+	// at least one; who a unit per started whoUnitUsers online; an
+	// over-long line tooLongUnits. A line the budget cannot pay for waits,
+	// and nothing more is read from its user meanwhile.
+	budgetUnits  = 20
+	unitBytes    = 512
+	whoUnitUsers = 500
+	tooLongUnits = 8
+	// Connections per address (-max-conns-per-ip N): at most N users at
+	// once from one address (IPv4, or IPv6 /64), and a bucket of 2N new
+	// connections refilled at N per addrRefill.
+	addrRefill = time.Minute
+	// maxRejecting bounds the connections being turned away at once, each
+	// for at most lingerTimeout; past it, the reply is written and the
+	// connection closed at once.
+	maxRejecting = 64
 	// messageQueue is the capacity of s.Message. A reader that finds it
 	// full waits; ListenMessager never blocks, so the wait lasts only as
 	// long as the lines ahead of it take to hand out.
@@ -64,14 +89,17 @@ var (
 	replyKicked    = []byte("你被踢出了\n")                          // R8
 	replyFull      = []byte("服务器已满，请稍后再试\n")                    // R9
 	replyStopping  = []byte("服务器即将关闭\n")                        // R10
+	replyAddrFull  = []byte("来自您地址的连接过多，请稍后再试\n")               // R11
 )
 
 var errNameTaken = errors.New("name taken")
 
 // Config holds the server's limits. The zero value of each turns it off.
 type Config struct {
-	Idle     time.Duration // kick a user after this long without a line
-	MaxConns int           // most users online at once
+	Idle          time.Duration // kick a user after this long without a line
+	MaxConns      int           // most users online at once
+	MaxConnsPerIP int           // most users online at once from one address, and half its burst of connections
+	Rate          float64       // units of flood-control budget a user gets back each second
 }
 
 // Server is the chat room: who is online, and the one goroutine that hands
@@ -79,21 +107,29 @@ type Config struct {
 //
 // Lock order: s.mu and a user's out.mu are never held together.
 type Server struct {
-	log      *slog.Logger
-	idle     time.Duration
-	maxConns int
-	epoch    time.Time // User.lastLineAt counts from here
+	log       *slog.Logger
+	idle      time.Duration
+	maxConns  int
+	maxPerIP  int
+	unitEvery time.Duration // a user's budget gets a unit back this often; 0: no flood control
+	epoch     time.Time     // User.lastLineAt counts from here
 
 	mu        sync.Mutex
-	OnlineMap map[string]*User // by name
-	version   int              // counts changes of OnlineMap
-	whoReply  []byte           // built for version, nil after a change
+	OnlineMap map[string]*User            // by name
+	sorted    []*User                     // OnlineMap's users, by name, for who
+	taken     map[string]*User            // by foldName(name): no two names fold alike
+	addrs     map[netip.Prefix]*addrUsage // by address, while it has users or its bucket is not full
+	sweepAt   int                         // len(addrs) at which to drop those that need not stay
+	version   int                         // counts changes of OnlineMap
+	whoReply  []byte                      // built for version, nil after a change
 
-	Message chan message // drained by ListenMessager alone
-	conns   atomic.Int64 // users counted against maxConns
-	queued  atomic.Int64 // bytes waiting in all users' queues
-	stats   stats
-	wg      sync.WaitGroup
+	Message   chan message // drained by ListenMessager alone
+	conns     atomic.Int64 // users counted against maxConns
+	queued    atomic.Int64 // bytes waiting in all users' queues
+	rejecting atomic.Int32 // connections being turned away
+	rejects   rejectLog
+	stats     stats
+	wg        sync.WaitGroup
 
 	// ListenMessager's own.
 	members  []*User // who gets broadcasts
@@ -104,14 +140,22 @@ type Server struct {
 
 // NewServer returns a server that logs to log and keeps the limits of cfg.
 func NewServer(log *slog.Logger, cfg Config) *Server {
-	return &Server{
+	s := &Server{
 		log:       log,
 		idle:      cfg.Idle,
 		maxConns:  cfg.MaxConns,
+		maxPerIP:  cfg.MaxConnsPerIP,
 		epoch:     time.Now(),
 		OnlineMap: make(map[string]*User),
+		taken:     make(map[string]*User),
+		addrs:     make(map[netip.Prefix]*addrUsage),
 		Message:   make(chan message, messageQueue),
 	}
+	if cfg.Rate > 0 {
+		s.unitEvery = time.Duration(float64(time.Second) / cfg.Rate)
+	}
+	s.rejects.log = log
+	return s
 }
 
 // stats counts what the server did, for releaseMemory.
@@ -119,6 +163,7 @@ type stats struct {
 	accepted atomic.Int64 // connections that became users
 	linesIn  atomic.Int64 // complete lines received
 	bytesOut atomic.Int64 // bytes written to users
+	waited   atomic.Int64 // lines that waited for flood control
 }
 
 type msgKind uint8
@@ -161,7 +206,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}()
 
 	s.log.Info("listening", "addr", ln.Addr().String())
+	s.checkDescriptors()
 	err := s.accept(ctx, ln)
+	s.rejects.flush() // later ones are logged as they come
 	stopReleasing()
 	<-releaseDone
 	s.log.Info("shutdown", "users", s.conns.Load())
@@ -176,6 +223,11 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 
 // accept runs the accept loop. It returns nil once ctx is done.
 func (s *Server) accept(ctx context.Context, ln net.Listener) error {
+	// A descriptor kept for the moment there is none left: closed, it lets
+	// the connection waiting in the backlog be accepted and told R9,
+	// rather than left there unanswered.
+	spare, _ := os.Open(os.DevNull)
+	defer func() { spare.Close() }()
 	var backoff time.Duration
 	for {
 		conn, err := ln.Accept()
@@ -186,10 +238,18 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 			if !outOfResources(err) {
 				return err
 			}
+			if spare != nil && outOfDescriptors(err) {
+				spare.Close()
+				if conn, err := ln.Accept(); err == nil {
+					s.turnAway(conn, replyFull, rejectNoDescriptors, true)
+				}
+				spare, _ = os.Open(os.DevNull)
+				continue
+			}
 			// These pass as users leave: wait a little and try again, as
 			// net/http does.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			s.log.Error("accept", "err", err, "retry_in", backoff)
+			s.rejects.note(rejectAcceptFailed)
 			select {
 			case <-ctx.Done():
 				return nil
@@ -199,7 +259,12 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 		}
 		backoff = 0
 		if s.maxConns > 0 && s.conns.Load() >= int64(s.maxConns) {
-			s.wg.Go(func() { s.reject(conn) })
+			s.turnAway(conn, replyFull, rejectFull, false)
+			continue
+		}
+		key := keyOf(conn.RemoteAddr())
+		if why := s.admit(key); why != admitted {
+			s.turnAway(conn, replyAddrFull, why, false)
 			continue
 		}
 		s.conns.Add(1)
@@ -208,6 +273,7 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 		// started, so that Handler's goroutine does none of it: see
 		// Handler.
 		u := newUser(s, conn)
+		u.addrKey = key
 		s.log.Info("connect", "addr", u.Addr)
 		s.Online(u)
 		u.reader.Go(u.read)
@@ -216,27 +282,225 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 	}
 }
 
-func outOfResources(err error) bool {
-	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
+// checkDescriptors warns when -max-conns users could need more file
+// descriptors than the process may open: the users past the limit get
+// R9, not a slot.
+func (s *Server) checkDescriptors() {
+	var lim syscall.Rlimit
+	if s.maxConns == 0 || syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim) != nil {
+		return
+	}
+	// Besides its users: stdin, stdout, stderr, the listener, the poller
+	// and its wakeup, the spare, the connections being turned away.
+	if need := uint64(s.maxConns) + 7 + maxRejecting; need > lim.Cur {
+		s.log.Warn("file descriptor limit below -max-conns", "limit", lim.Cur, "need", need,
+			"hint", "raise it (ulimit -n, LimitNOFILE=) or lower -max-conns")
+	}
 }
 
-// reject tells a connection the server is full, and closes it.
-func (s *Server) reject(conn net.Conn) {
-	s.log.Info("reject", "addr", conn.RemoteAddr().String(), "reason", "server full")
-	conn.SetDeadline(time.Now().Add(lingerTimeout))
-	conn.Write(replyFull)
-	// Half-close, and read what the client had already sent: closing with
-	// input unread would reset the connection, and a reset can destroy R9
-	// before the client reads it.
-	closeWrite(conn)
-	var buf [512]byte
-	for {
-		if _, err := conn.Read(buf[:]); err != nil {
-			break
+func outOfResources(err error) bool {
+	return outOfDescriptors(err) || errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
+}
+
+func outOfDescriptors(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE)
+}
+
+// turnAway tells a connection why it is turned away (R9, R11) and closes
+// it. It half-closes, and reads what the client had already sent, for at
+// most lingerTimeout: closing with input unread would reset the
+// connection, and a reset can destroy the reply before the client reads
+// it. At most maxRejecting connections linger at once; past that, or
+// when now is set, the reply is written and the connection closed at
+// once, so that a flood of connections costs little.
+func (s *Server) turnAway(conn net.Conn, reply []byte, why rejectReason, now bool) {
+	s.rejects.note(why)
+	if now || s.rejecting.Add(1) > maxRejecting {
+		if !now {
+			s.rejecting.Add(-1)
+		}
+		// A fresh connection's send buffer is empty: this write does not
+		// wait (the deadline is for connections that are not TCP's).
+		conn.SetWriteDeadline(time.Now().Add(10 * time.Millisecond))
+		conn.Write(reply)
+		conn.Close()
+		return
+	}
+	s.wg.Go(func() {
+		defer s.rejecting.Add(-1)
+		conn.SetDeadline(time.Now().Add(lingerTimeout))
+		conn.Write(reply)
+		closeWrite(conn)
+		var buf [512]byte
+		for {
+			if _, err := conn.Read(buf[:]); err != nil {
+				break
+			}
+		}
+		conn.Close()
+	})
+}
+
+// addrUsage is what one address holds: its users, and its bucket of new
+// connections.
+type addrUsage struct {
+	users   int
+	arrival bucket
+}
+
+// keyOf is the address a connection counts against: its IPv4 address, or
+// its IPv6 /64 (what one subscriber is usually given).
+func keyOf(a net.Addr) netip.Prefix {
+	ta, ok := a.(*net.TCPAddr)
+	if !ok {
+		return netip.Prefix{}
+	}
+	ip := ta.AddrPort().Addr().Unmap()
+	if ip.Is4() {
+		return netip.PrefixFrom(ip, 32)
+	}
+	p, _ := ip.Prefix(64)
+	return p
+}
+
+// admit counts a new connection against its address: it may have at most
+// maxPerIP users at once, and its bucket must have a connection left.
+func (s *Server) admit(key netip.Prefix) rejectReason {
+	if s.maxPerIP == 0 {
+		return admitted
+	}
+	now := s.since()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	a := s.addrs[key]
+	if a == nil {
+		if len(s.addrs) >= s.sweepAt {
+			s.sweepAddrsLocked(now)
+		}
+		a = &addrUsage{}
+		s.addrs[key] = a
+	}
+	switch {
+	case a.users >= s.maxPerIP:
+		return rejectAddrUsers
+	case !a.arrival.take(now, 1, addrRefill/time.Duration(s.maxPerIP), 2*s.maxPerIP):
+		return rejectAddrRate
+	}
+	a.users++
+	return admitted
+}
+
+// sweepAddrsLocked forgets the addresses that have no user and a full
+// bucket, as if they had never come; s.mu is held. It runs when the map
+// has doubled since the last sweep, so it costs O(1) per connection.
+func (s *Server) sweepAddrsLocked(now time.Duration) {
+	for key, a := range s.addrs {
+		if a.users == 0 && a.arrival.full <= now {
+			delete(s.addrs, key)
 		}
 	}
-	conn.Close()
+	s.sweepAt = max(64, 2*len(s.addrs))
+}
+
+// bucket is a budget of at most burst units, refilled at one unit per
+// every (the generic cell rate algorithm: full is when it would be full
+// again, had nothing more been taken). Times are since the server's epoch.
+type bucket struct{ full time.Duration }
+
+// reserve takes cost units, and says how long to wait until the budget
+// holds them (0: at once).
+func (b *bucket) reserve(now time.Duration, cost int, every time.Duration, burst int) time.Duration {
+	b.full = max(b.full, now) + time.Duration(cost)*every
+	return max(b.full-now-time.Duration(burst)*every, 0)
+}
+
+// take takes cost units if the budget holds them now.
+func (b *bucket) take(now time.Duration, cost int, every time.Duration, burst int) bool {
+	full := max(b.full, now) + time.Duration(cost)*every
+	if full-now > time.Duration(burst)*every {
+		return false
+	}
+	b.full = full
+	return true
+}
+
+// since is the monotonic time since the server's epoch: the clock of the
+// idle kick and of the buckets, read once per line.
+func (s *Server) since() time.Duration { return time.Since(s.epoch) }
+
+// rejectReason says why a connection is turned away.
+type rejectReason uint8
+
+const (
+	admitted            rejectReason = iota
+	rejectFull                       // R9: -max-conns users online
+	rejectNoDescriptors              // R9: no file descriptor left
+	rejectAddrUsers                  // R11: -max-conns-per-ip users online from the address
+	rejectAddrRate                   // R11: the address's bucket of connections is empty
+	rejectAcceptFailed               // accept failed (out of descriptors or memory): not a connection
+	rejectReasons
+)
+
+var rejectText = [rejectReasons]string{
+	rejectFull:          "server full",
+	rejectNoDescriptors: "no file descriptor left",
+	rejectAddrUsers:     "too many users from the address",
+	rejectAddrRate:      "too many connections from the address",
+	rejectAcceptFailed:  "accept failed",
+}
+
+// rejectLog logs rejections at most once a second per reason, with the
+// number since the last such line, so that a flood of connections cannot
+// flood the log: the first at once, the rest at the end of its second.
+type rejectLog struct {
+	log     *slog.Logger
+	mu      sync.Mutex
+	counts  [rejectReasons]int
+	pending [rejectReasons]*time.Timer // a second not yet over since the last line
+}
+
+func (l *rejectLog) note(why rejectReason) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.pending[why] != nil {
+		l.counts[why]++
+		return
+	}
+	l.pending[why] = time.AfterFunc(time.Second, func() { l.tick(why) })
+	l.log.Info("reject", "reason", rejectText[why], "count", 1)
+}
+
+// tick ends a second: it logs what came in it, if anything, and then
+// waits another.
+func (l *rejectLog) tick(why rejectReason) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := l.counts[why]
+	if n == 0 || l.pending[why] == nil {
+		l.pending[why] = nil
+		return
+	}
+	l.counts[why] = 0
+	l.pending[why].Reset(time.Second)
+	l.log.Info("reject", "reason", rejectText[why], "count", n)
+}
+
+// flush logs what is left, and stops the timers: Serve calls it as it
+// returns.
+func (l *rejectLog) flush() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for why, t := range l.pending {
+		if t == nil {
+			continue
+		}
+		t.Stop()
+		l.pending[why] = nil
+		if n := l.counts[why]; n > 0 {
+			l.counts[why] = 0
+			l.log.Info("reject", "reason", rejectText[why], "count", n)
+		}
+	}
 }
 
 // Handler serves one user, as the course's Handler does: it runs the
@@ -282,8 +546,7 @@ func (s *Server) Handler(u *User) {
 // Online makes u's name known and announces u to everyone, u first of all.
 func (s *Server) Online(u *User) {
 	s.mu.Lock()
-	s.OnlineMap[u.Name] = u
-	s.changedLocked()
+	s.addNameLocked(u)
 	s.mu.Unlock()
 	u.inHub.Add(1)
 	s.Message <- message{kind: msgJoin, from: u, line: u.userLine([]byte("已上线"))}
@@ -295,9 +558,11 @@ func (s *Server) Offline(u *User) {
 	s.mu.Lock()
 	name := u.Name
 	if s.OnlineMap[name] == u {
-		delete(s.OnlineMap, name)
+		s.dropNameLocked(u)
 	}
-	s.changedLocked()
+	if a := s.addrs[u.addrKey]; a != nil {
+		a.users--
+	}
 	s.mu.Unlock()
 	s.conns.Add(-1)
 	attrs := []any{"addr", u.Addr, "name", name, "reason", u.reason().String()}
@@ -394,14 +659,23 @@ func (s *Server) handOut(m message) bool {
 	return true
 }
 
+// bound is how many bytes may wait for one user now.
+func (s *Server) bound() int {
+	if s.queued.Load() > maxQueuedTotal {
+		return tightQueuedBytes
+	}
+	return maxQueuedBytes
+}
+
 func (s *Server) fanOut(line []byte) {
 	// One addition to the shared total for the whole fan-out, not one per
 	// user; the users who do not take the line are taken off after.
+	bound := s.bound()
 	s.queued.Add(int64(len(line) * len(s.members)))
 	s.round += len(s.members)
 	lost := 0
 	for _, u := range s.members {
-		took, wake := u.push(line, maxQueuedBytes, false)
+		took, wake := u.push(line, bound, false)
 		if wake {
 			s.toWake = append(s.toWake, u)
 		}
@@ -418,7 +692,7 @@ func (s *Server) fanOut(line []byte) {
 // for input), so that a burst costs a writer one wake and one write.
 func (s *Server) queue(u *User, line []byte, whole bool, wake *[]*User) {
 	s.queued.Add(int64(len(line)))
-	took, w := u.push(line, maxQueuedBytes, whole)
+	took, w := u.push(line, s.bound(), whole)
 	if w {
 		*wake = append(*wake, u)
 	}
@@ -450,20 +724,49 @@ func (s *Server) changedLocked() {
 	s.whoReply = nil
 }
 
-// rename gives u the name if no online user holds it: the check and the
-// change are one critical section, so of two users racing for a free name
-// exactly one wins.
+// rename gives u the name if no online user holds it, or one that folds
+// like it (foldName): the check and the change are one critical section,
+// so of two users racing for a free name exactly one wins.
 func (s *Server) rename(u *User, name string) error {
+	key := foldName(name)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, taken := s.OnlineMap[name]; taken {
+	if _, taken := s.taken[key]; taken {
 		return errNameTaken
 	}
-	delete(s.OnlineMap, u.Name)
+	s.dropNameLocked(u)
 	u.Name = name
-	s.OnlineMap[name] = u
-	s.changedLocked()
+	s.addNameLocked(u)
 	return nil
+}
+
+// addNameLocked makes u's name known; s.mu is held.
+func (s *Server) addNameLocked(u *User) {
+	s.OnlineMap[u.Name] = u
+	s.taken[foldName(u.Name)] = u
+	i, _ := slices.BinarySearchFunc(s.sorted, u.Name, byName)
+	s.sorted = slices.Insert(s.sorted, i, u)
+	s.changedLocked()
+}
+
+// dropNameLocked forgets u's name; s.mu is held.
+func (s *Server) dropNameLocked(u *User) {
+	delete(s.OnlineMap, u.Name)
+	delete(s.taken, foldName(u.Name))
+	if i, found := slices.BinarySearchFunc(s.sorted, u.Name, byName); found {
+		s.sorted = slices.Delete(s.sorted, i, i+1)
+	}
+	s.changedLocked()
+}
+
+func byName(u *User, name string) int { return strings.Compare(u.Name, name) }
+
+// cost is what a line costs in flood-control units: see budgetUnits.
+func (s *Server) cost(kind cmdKind, size int) int {
+	if kind == cmdWho {
+		return max(1, (int(s.conns.Load())+whoUnitUsers-1)/whoUnitUsers)
+	}
+	return max(1, (size+unitBytes-1)/unitBytes)
 }
 
 // lookup returns the online user called name, or nil. A newcomer is found
@@ -479,9 +782,10 @@ func (s *Server) lookup(name []byte) *User {
 }
 
 // who returns the who reply: one [addr]name:在线... line per online user,
-// sorted by name. It is built once per change of the room and shared by
-// every who until the next, so that in a big room a who costs a copy, not
-// a sort; the lines are sorted outside the lock.
+// sorted by name. The users are kept sorted as they come, go and rename,
+// and the reply is built once per change of the room, outside the lock,
+// and shared by every who until the next: in a big room a who costs a
+// copy, not a sort.
 func (s *Server) who() []byte {
 	type entry struct{ name, addr string }
 	s.mu.Lock()
@@ -490,14 +794,13 @@ func (s *Server) who() []byte {
 		return s.whoReply
 	}
 	version := s.version
-	list := make([]entry, 0, len(s.OnlineMap))
+	list := make([]entry, len(s.sorted))
 	size := 0
-	for name, u := range s.OnlineMap {
-		list = append(list, entry{name, u.Addr})
-		size += len(name) + len(u.Addr) + len("[]:在线...\n")
+	for i, u := range s.sorted {
+		list[i] = entry{u.Name, u.Addr}
+		size += len(u.Name) + len(u.Addr) + len("[]:在线...\n")
 	}
 	s.mu.Unlock()
-	slices.SortFunc(list, func(a, b entry) int { return strings.Compare(a.name, b.name) })
 	out := make([]byte, 0, size)
 	for _, e := range list {
 		out = append(out, '[')

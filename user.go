@@ -6,7 +6,9 @@ import (
 	"io"
 	"math/bits"
 	"net"
+	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -24,10 +26,11 @@ import (
 //     (ListenMessage) whenever the queue says there is something: it is
 //     the only goroutine that writes to conn.
 type User struct {
-	Name string // guarded by srv.mu; only u's reader changes it
-	Addr string
-	conn net.Conn
-	srv  *Server
+	Name    string // guarded by srv.mu; only u's reader changes it
+	Addr    string
+	addrKey netip.Prefix // the address u counts against (-max-conns-per-ip)
+	conn    net.Conn
+	srv     *Server
 
 	out outbox
 	in  lineReader
@@ -43,6 +46,8 @@ type User struct {
 	idx    int          // u's place in srv.members; ListenMessager's
 
 	lastLineAt atomic.Int64 // when the last complete line came, since srv.epoch
+	budget     bucket       // flood control; the reader's
+	pause      *time.Timer  // the reader's wait for its budget, made at the first
 
 	// Handler's own.
 	idle     *time.Timer // nil when nobody is kicked
@@ -54,7 +59,7 @@ func newUser(s *Server, conn net.Conn) *User {
 	addr := conn.RemoteAddr().String()
 	u := &User{Name: addr, Addr: addr, conn: conn, srv: s, done: make(chan struct{})}
 	u.out.wake = make(chan struct{}, 1)
-	u.lastLineAt.Store(int64(time.Since(s.epoch)))
+	u.lastLineAt.Store(int64(s.since()))
 	u.in.rd = conn
 	u.in.beforeRead = u.wakeQueued
 	if s.idle > 0 {
@@ -130,11 +135,13 @@ func (u *User) read() {
 			return
 		case u.gone():
 		case err == errLineTooLong:
-			u.reply(replyTooLong)
+			if u.pace(tooLongUnits, u.srv.since()) {
+				u.reply(replyTooLong)
+			}
 		default:
-			u.arrived()
+			at := u.arrived()
 			if err == nil {
-				u.DoMessage(line)
+				u.DoMessage(line, at)
 			}
 		}
 	}
@@ -160,21 +167,28 @@ func readReason(err error) reason {
 	return reasonReadFailed
 }
 
-// arrived notes a complete line: it is activity for the idle kick. A
-// line costs no timer: Handler's idle timer, when it fires, looks at when
-// the last line came.
-func (u *User) arrived() {
+// arrived notes a complete line, which is activity for the idle kick,
+// and returns when it came. A line costs no timer: Handler's idle timer,
+// when it fires, looks at when the last line came.
+func (u *User) arrived() time.Duration {
 	u.srv.stats.linesIn.Add(1)
-	u.lastLineAt.Store(int64(time.Since(u.srv.epoch)))
+	at := u.srv.since()
+	u.lastLineAt.Store(int64(at))
+	return at
 }
 
-// DoMessage runs one line: clean it, then do what it says.
-func (u *User) DoMessage(line []byte) {
+// DoMessage runs one line, which came at at: clean it, pay for it, then do
+// what it says.
+func (u *User) DoMessage(line []byte, at time.Duration) {
 	s := u.srv
+	size := len(line) // as received
 	if needsCleaning(line) {
 		line = appendClean(nil, line)
 	}
 	cmd := parseCommand(line)
+	if !u.pace(s.cost(cmd.kind, size), at) {
+		return // u left while the line waited
+	}
 	switch cmd.kind {
 	case cmdEmpty:
 	case cmdWho:
@@ -189,6 +203,36 @@ func (u *User) DoMessage(line []byte) {
 }
 
 func (u *User) reply(line []byte) { u.srv.sendTo(u, u, line, false) }
+
+// pace is flood control: it waits until u's budget holds cost units, and
+// takes them. Meanwhile the reader reads nothing more, so TCP slows the
+// sender down; nothing is dropped, and the order is kept. It reports
+// false if u left while it waited: the line is not run, and the reader
+// goes back to reading.
+func (u *User) pace(cost int, now time.Duration) bool {
+	s := u.srv
+	if s.unitEvery == 0 {
+		return true
+	}
+	wait := u.budget.reserve(now, cost, s.unitEvery, budgetUnits)
+	if wait == 0 {
+		return true
+	}
+	s.stats.waited.Add(1)
+	u.wakeQueued() // what u's lines queued goes out now, not after the wait
+	if u.pause == nil {
+		u.pause = time.NewTimer(wait)
+	} else {
+		u.pause.Reset(wait)
+	}
+	select {
+	case <-u.pause.C:
+		return true
+	case <-u.done:
+		u.pause.Stop()
+		return false
+	}
+}
 
 func (u *User) rename(name []byte) {
 	s := u.srv
@@ -743,9 +787,9 @@ func (lr *lineReader) fill() {
 
 // Cleaning lines.
 
-// needsCleaning reports whether line holds invalid UTF-8 or a control
-// character other than TAB (C0, DEL, C1). Most lines do not, and are used
-// as they are, without a copy.
+// needsCleaning reports whether line holds invalid UTF-8, a control
+// character other than TAB (C0, DEL, C1) or a bidi control. Most lines do
+// not, and are used as they are, without a copy.
 func needsCleaning(line []byte) bool {
 	for i, c := range line {
 		switch {
@@ -753,14 +797,31 @@ func needsCleaning(line []byte) bool {
 			return true
 		case c == 0xc2 && i+1 < len(line) && line[i+1] < 0xa0: // C1 is U+0080–U+009F: C2 80–C2 9F
 			return true
+		case c == 0xe2 && i+2 < len(line) && isBidiControl(rune(line[i+1])<<8|rune(line[i+2])):
+			return true
 		}
 	}
 	return !utf8.Valid(line)
 }
 
+// isBidiControl reports whether r is a bidi embedding, override or isolate
+// control (U+202A–U+202E, U+2066–U+2069), which could reverse how the rest
+// of a line is shown. needsCleaning calls it with the last two bytes of a
+// three-byte UTF-8 sequence that starts with E2.
+func isBidiControl(r rune) bool {
+	switch {
+	case r >= 0x202a && r <= 0x202e, r >= 0x2066 && r <= 0x2069: // the runes
+		return true
+	case r >= 0x80aa && r <= 0x80ae, r >= 0x81a6 && r <= 0x81a9: // E2 80 AA–AE, E2 81 A6–A9
+		return true
+	}
+	return false
+}
+
 // appendClean appends line to dst with each run of invalid UTF-8 replaced
 // by one U+FFFD (as strings.ToValidUTF8 does) and then every control
-// character but TAB removed, so that no user can drive another's terminal.
+// character but TAB, and every bidi control, removed, so that no user can
+// drive another's terminal or turn another's text around.
 func appendClean(dst, line []byte) []byte {
 	inInvalid := false
 	for i := 0; i < len(line); {
@@ -771,7 +832,7 @@ func appendClean(dst, line []byte) []byte {
 				dst = utf8.AppendRune(dst, utf8.RuneError)
 			}
 			inInvalid = true
-		case unicode.IsControl(r) && r != '\t':
+		case unicode.IsControl(r) && r != '\t', isBidiControl(r):
 			inInvalid = false
 		default:
 			dst = append(dst, line[i:i+size]...)
@@ -826,23 +887,89 @@ func parseCommand(line []byte) command {
 	return command{kind: cmdText, text: line}
 }
 
-// validName reports whether name may be chosen with rename|: 1 to
-// maxNameRunes runes, valid UTF-8, and no white space, control character,
-// or any of | : [ ] (so that no name looks like an address or forges the
-// [addr]name: prefix).
+// validName reports whether name may be chosen with rename| (PROTOCOL.md,
+// Users): so that no name looks like an address, forges the [addr]name:
+// prefix, or passes for another name in who or in a whisper.
 func validName(name []byte) bool {
 	n := 0
-	for len(name) > 0 {
-		r, size := utf8.DecodeRune(name)
-		if r == utf8.RuneError && size == 1 || unicode.IsSpace(r) || unicode.IsControl(r) {
+	var scripts []string // the scripts of its letters, Common and Inherited aside
+	for i := 0; i < len(name); n++ {
+		r, size := utf8.DecodeRune(name[i:])
+		i += size
+		switch {
+		case r == utf8.RuneError && size == 1,
+			unicode.IsSpace(r),
+			unicode.Is(unicode.C, r), // Cc, Cf, Co, and in Go's tables Cn too
+			n == 0 && unicode.Is(unicode.M, r):
 			return false
 		}
 		switch r {
-		case '|', ':', '[', ']':
+		case '|', ':', '[', ']',
+			'｜', '∣', '：', '∶', '꞉', 'ː', '˸', '﹕', '︓', '։', '׃', '［', '］', // look alike
+			0x115f, 0x1160, 0x3164, 0xffa0, 0x2800: // show as nothing
 			return false
 		}
-		name = name[size:]
-		n++
+		if sc := scriptOf(r); sc != "" && !slices.Contains(scripts, sc) {
+			scripts = append(scripts, sc)
+		}
 	}
-	return n >= 1 && n <= maxNameRunes
+	return n >= 1 && n <= maxNameRunes && oneScript(scripts)
+}
+
+// scriptOf returns the script of r, or "" for the Common and Inherited
+// scripts (digits, punctuation, emoji, combining accents…).
+func scriptOf(r rune) string {
+	if unicode.In(r, unicode.Common, unicode.Inherited) {
+		return ""
+	}
+	for name, table := range unicode.Scripts {
+		if unicode.Is(table, r) {
+			return name
+		}
+	}
+	return ""
+}
+
+// scriptMixes are the scripts that may be mixed in a name: each is how one
+// language is written.
+var scriptMixes = [][]string{
+	{"Latin", "Han", "Hiragana", "Katakana"}, // Japanese
+	{"Latin", "Han", "Hangul"},               // Korean
+	{"Latin", "Han", "Bopomofo"},             // Chinese with zhuyin
+}
+
+// oneScript reports whether a name's scripts are one, or fit one mix.
+func oneScript(scripts []string) bool {
+	if len(scripts) <= 1 {
+		return true
+	}
+	for _, mix := range scriptMixes {
+		fits := true
+		for _, sc := range scripts {
+			fits = fits && slices.Contains(mix, sc)
+		}
+		if fits {
+			return true
+		}
+	}
+	return false
+}
+
+// foldName is the key that makes names unique: full-width ASCII
+// (U+FF01–U+FF5E) becomes ASCII, and each rune the smallest of its case
+// folding (unicode.SimpleFold), so that two names have one key exactly
+// when strings.EqualFold finds them equal, width aside.
+func foldName(name string) string {
+	b := make([]rune, 0, len(name))
+	for _, r := range name {
+		if r >= 0xff01 && r <= 0xff5e {
+			r -= 0xff01 - 0x21
+		}
+		least := r
+		for f := unicode.SimpleFold(r); f != r; f = unicode.SimpleFold(f) {
+			least = min(least, f)
+		}
+		b = append(b, least)
+	}
+	return string(b)
 }
