@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
@@ -62,6 +63,9 @@ const (
 	// once from one address (IPv4, or IPv6 /64), and a bucket of 2N new
 	// connections refilled at N per addrRefill.
 	addrRefill = time.Minute
+	// handshakeTimeout bounds a TLS connection's handshake: one that has
+	// not finished it by then is closed.
+	handshakeTimeout = 10 * time.Second
 	// maxRejecting bounds the connections being turned away at once, each
 	// for at most lingerTimeout; past it, the reply is written and the
 	// connection closed at once.
@@ -100,6 +104,7 @@ type Config struct {
 	MaxConns      int           // most users online at once
 	MaxConnsPerIP int           // most users online at once from one address, and half its burst of connections
 	Rate          float64       // units of flood-control budget a user gets back each second
+	TLS           *tls.Config   // if set, clients speak TLS
 }
 
 // Server is the chat room: who is online, and the one goroutine that hands
@@ -112,7 +117,8 @@ type Server struct {
 	maxConns  int
 	maxPerIP  int
 	unitEvery time.Duration // a user's budget gets a unit back this often; 0: no flood control
-	epoch     time.Time     // User.lastLineAt counts from here
+	tls       *tls.Config
+	epoch     time.Time // User.lastLineAt counts from here
 
 	mu        sync.Mutex
 	OnlineMap map[string]*User            // by name
@@ -123,13 +129,14 @@ type Server struct {
 	version   int                         // counts changes of OnlineMap
 	whoReply  []byte                      // built for version, nil after a change
 
-	Message   chan message // drained by ListenMessager alone
-	conns     atomic.Int64 // users counted against maxConns
-	queued    atomic.Int64 // bytes waiting in all users' queues
-	rejecting atomic.Int32 // connections being turned away
-	rejects   rejectLog
-	stats     stats
-	wg        sync.WaitGroup
+	Message    chan message // drained by ListenMessager alone
+	conns      atomic.Int64 // users counted against maxConns
+	queued     atomic.Int64 // bytes waiting in all users' queues
+	rejecting  atomic.Int32 // connections being turned away
+	rejects    rejectLog
+	stats      stats
+	wg         sync.WaitGroup // users' Handlers, rejected connections
+	handshakes sync.WaitGroup
 
 	// ListenMessager's own.
 	members  []*User // who gets broadcasts
@@ -145,6 +152,7 @@ func NewServer(log *slog.Logger, cfg Config) *Server {
 		idle:      cfg.Idle,
 		maxConns:  cfg.MaxConns,
 		maxPerIP:  cfg.MaxConnsPerIP,
+		tls:       cfg.TLS,
 		epoch:     time.Now(),
 		OnlineMap: make(map[string]*User),
 		taken:     make(map[string]*User),
@@ -155,15 +163,50 @@ func NewServer(log *slog.Logger, cfg Config) *Server {
 		s.unitEvery = time.Duration(float64(time.Second) / cfg.Rate)
 	}
 	s.rejects.log = log
+	s.rejects.total = &s.stats.rejected
 	return s
 }
 
 // stats counts what the server did, for releaseMemory.
 type stats struct {
-	accepted atomic.Int64 // connections that became users
-	linesIn  atomic.Int64 // complete lines received
-	bytesOut atomic.Int64 // bytes written to users
-	waited   atomic.Int64 // lines that waited for flood control
+	accepted         atomic.Int64 // connections that became users
+	linesIn          atomic.Int64 // complete lines received
+	linesOut         atomic.Int64 // lines written to users
+	bytesOut         atomic.Int64 // bytes written to users
+	waited           atomic.Int64 // lines that waited for flood control
+	handshakesFailed atomic.Int64 // TLS connections closed before they became users
+	left             [reasons]atomic.Int64
+	rejected         [rejectReasons]atomic.Int64
+}
+
+// Stats is what the server counts, for its operator (-debug-addr, expvar).
+// Each is an atomic counter the hot paths add to; this reads them.
+func (s *Server) Stats() map[string]any {
+	left := map[string]int64{}
+	for r := range reasons {
+		if r != online {
+			left[r.String()] = s.stats.left[r].Load()
+		}
+	}
+	rejected := map[string]int64{}
+	for r := range rejectReasons {
+		if r != admitted {
+			rejected[rejectText[r]] = s.stats.rejected[r].Load()
+		}
+	}
+	return map[string]any{
+		"users_online":          s.conns.Load(),
+		"connections_accepted":  s.stats.accepted.Load(),
+		"lines_received":        s.stats.linesIn.Load(),
+		"lines_sent":            s.stats.linesOut.Load(),
+		"bytes_sent":            s.stats.bytesOut.Load(),
+		"bytes_waiting":         s.queued.Load(),
+		"lines_waited":          s.stats.waited.Load(),
+		"kicks":                 s.stats.left[reasonIdle].Load(),
+		"disconnects":           left,
+		"rejects":               rejected,
+		"tls_handshakes_failed": s.stats.handshakesFailed.Load(),
+	}
 }
 
 type msgKind uint8
@@ -208,7 +251,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.log.Info("listening", "addr", ln.Addr().String())
 	s.checkDescriptors()
 	err := s.accept(ctx, ln)
-	s.rejects.flush() // later ones are logged as they come
+	s.handshakes.Wait() // they end with ctx: every join is queued before the stop
+	s.rejects.flush()   // later ones are logged as they come
 	stopReleasing()
 	<-releaseDone
 	s.log.Info("shutdown", "users", s.conns.Load())
@@ -268,18 +312,54 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 			continue
 		}
 		s.conns.Add(1)
-		s.stats.accepted.Add(1)
-		// The user is made, logged and announced here, and its reader
-		// started, so that Handler's goroutine does none of it: see
-		// Handler.
-		u := newUser(s, conn)
-		u.addrKey = key
-		s.log.Info("connect", "addr", u.Addr)
-		s.Online(u)
-		u.reader.Go(u.read)
-		s.wg.Add(1)
-		go s.Handler(u) // not wg.Go, whose frames would cost Handler stack
+		if s.tls != nil {
+			s.handshakes.Go(func() { s.handshake(ctx, conn, key) })
+			continue
+		}
+		s.welcome(conn, key)
 	}
+}
+
+// welcome makes the connection a user: it logs it, announces it, and
+// starts its reader and its Handler. The accept loop does it (or, for
+// TLS, the handshake's goroutine) so that Handler's goroutine does none
+// of it: see Handler.
+func (s *Server) welcome(conn net.Conn, key netip.Prefix) {
+	s.stats.accepted.Add(1)
+	u := newUser(s, conn)
+	u.addrKey = key
+	s.log.Info("connect", "addr", u.Addr)
+	s.Online(u)
+	u.reader.Go(u.read)
+	s.wg.Add(1)
+	go s.Handler(u) // not wg.Go, whose frames would cost Handler stack
+}
+
+// handshake runs a TLS connection's handshake, off the accept loop and
+// after the connection was counted against the limits, for at most
+// handshakeTimeout. A connection that does not finish it in time, or
+// fails it, is closed with nothing said (there is no TLS to say it in),
+// and logged.
+func (s *Server) handshake(ctx context.Context, raw net.Conn, key netip.Prefix) {
+	conn := tls.Server(raw, s.tls)
+	raw.SetDeadline(time.Now().Add(handshakeTimeout))
+	hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+	err := conn.HandshakeContext(hctx)
+	cancel()
+	if err == nil && ctx.Err() == nil { // no join once the server stops
+		raw.SetDeadline(time.Time{})
+		s.welcome(conn, key)
+		return
+	}
+	if err == nil {
+		err = ctx.Err()
+	}
+	s.stats.handshakesFailed.Add(1)
+	s.log.Info("tls handshake failed", "addr", raw.RemoteAddr().String(), "err", err.Error())
+	raw.Close()
+	s.mu.Lock()
+	s.releaseLocked(key)
+	s.mu.Unlock()
 }
 
 // checkDescriptors warns when -max-conns users could need more file
@@ -339,6 +419,15 @@ func (s *Server) turnAway(conn net.Conn, reply []byte, why rejectReason, now boo
 		}
 		conn.Close()
 	})
+}
+
+// releaseLocked frees the slot of a connection that leaves, in -max-conns
+// and in its address's users; s.mu is held.
+func (s *Server) releaseLocked(key netip.Prefix) {
+	s.conns.Add(-1)
+	if a := s.addrs[key]; a != nil {
+		a.users--
+	}
 }
 
 // addrUsage is what one address holds: its users, and its bucket of new
@@ -453,6 +542,7 @@ var rejectText = [rejectReasons]string{
 // number since the last such line, so that a flood of connections cannot
 // flood the log: the first at once, the rest at the end of its second.
 type rejectLog struct {
+	total   *[rejectReasons]atomic.Int64 // stats.rejected
 	log     *slog.Logger
 	mu      sync.Mutex
 	counts  [rejectReasons]int
@@ -460,6 +550,7 @@ type rejectLog struct {
 }
 
 func (l *rejectLog) note(why rejectReason) {
+	l.total[why].Add(1)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.pending[why] != nil {
@@ -560,11 +651,9 @@ func (s *Server) Offline(u *User) {
 	if s.OnlineMap[name] == u {
 		s.dropNameLocked(u)
 	}
-	if a := s.addrs[u.addrKey]; a != nil {
-		a.users--
-	}
+	s.releaseLocked(u.addrKey)
 	s.mu.Unlock()
-	s.conns.Add(-1)
+	s.stats.left[u.reason()].Add(1)
 	attrs := []any{"addr", u.Addr, "name", name, "reason", u.reason().String()}
 	if u.err != nil && u.reason() != reasonClosed {
 		attrs = append(attrs, "err", u.err.Error())

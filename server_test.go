@@ -4,11 +4,21 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -23,6 +33,7 @@ import (
 	"testing/synctest"
 	"time"
 	"unicode"
+	"unicode/utf8"
 )
 
 // The replies of PROTOCOL.md, written out again rather than taken from the
@@ -64,7 +75,7 @@ func TestMain(m *testing.M) {
 		}
 	}
 	if os.Getenv("CHAT_SERVER_MAIN") == "1" {
-		os.Exit(run(os.Args[1:], os.Stderr))
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 	}
 	os.Exit(m.Run())
 }
@@ -1919,6 +1930,352 @@ func TestChatOrder(t *testing.T) {
 	users[0].sync()
 }
 
+// ---- TLS ----
+
+// testTLS makes a self-signed certificate for localhost and 127.0.0.1,
+// valid from 1999 (synctest's clock starts in 2000) to 2100, and returns
+// the configurations of a server that has it and of a client that trusts
+// it.
+func testTLS(tb testing.TB) (server, client *tls.Config, certPEM, keyPEM []byte) {
+	tb.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "chat test"},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:    time.Date(1999, 1, 1, 0, 0, 0, 0, time.UTC),
+		NotAfter:     time.Date(2100, 1, 1, 0, 0, 0, 0, time.UTC),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	server = &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}, MinVersion: tls.VersionTLS12}
+	client = &tls.Config{RootCAs: pool, ServerName: "localhost"}
+	certPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	keyPEM = pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
+	return server, client, certPEM, keyPEM
+}
+
+// joinTLS connects over TLS and waits until the user, and each of others,
+// has seen it come online.
+func (ts *testServer) joinTLS(cfg *tls.Config, others ...*client) *client {
+	ts.tb.Helper()
+	c := ts.connect()
+	tc := tls.Client(c.conn, cfg)
+	tc.SetDeadline(time.Now().Add(testTimeout))
+	if err := tc.Handshake(); err != nil {
+		ts.tb.Fatalf("handshake: %v", err)
+	}
+	c.conn, c.r = tc, bufio.NewReader(tc)
+	c.expect(c.online())
+	for _, o := range others {
+		o.expect(c.online())
+	}
+	return c
+}
+
+// Everything works over TLS as without it: joins, text, who, whispers,
+// R7, the idle kick at its instant, R10 at the stop, and a half-close
+// that still gets its replies.
+func TestTLS(t *testing.T) {
+	t.Parallel()
+	serverTLS, clientTLS, _, _ := testTLS(t)
+	synctest.Test(t, func(t *testing.T) {
+		const idle = 5 * time.Minute
+		ts := startPipe(t, Config{Idle: idle, TLS: serverTLS})
+		start := time.Now()
+		a := ts.joinTLS(clientTLS)
+		b := ts.joinTLS(clientTLS, a)
+		a.rename("alice")
+		b.rename("bob")
+		a.send("hello")
+		a.expect(a.says("hello"))
+		b.expect(a.says("hello"))
+		b.send("who", "to|alice|psst")
+		b.expect(a.whoLine(), b.whoLine())
+		a.expect("bob对您说:psst")
+		a.send(strings.Repeat("x", maxLineBytes+1))
+		a.expect(r7)
+
+		// b half-closes (close_notify) after a last line: its replies come.
+		b.send("who")
+		if err := b.conn.(*tls.Conn).CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		b.expect(a.whoLine(), b.whoLine())
+		b.expectClosed()
+		a.expect(b.offline())
+
+		time.Sleep(time.Minute)
+		c := ts.joinTLS(clientTLS, a)        // kicked a minute after a
+		time.Sleep(idle - time.Since(start)) // a's last line came at start
+		a.expect(r8)
+		if got := time.Since(start); got != idle {
+			t.Errorf("kicked after %v, want %v", got, idle)
+		}
+		a.expectClosed()
+		c.expect(a.offline())
+		go ts.stop()
+		c.expect(r10)
+		c.expectClosed()
+	})
+}
+
+// A client that does not speak TLS to a TLS server is closed, told
+// nothing: at once if it sends something else, or after handshakeTimeout
+// if it sends nothing; its slot is free again.
+func TestTLSPlainClient(t *testing.T) {
+	t.Parallel()
+	serverTLS, clientTLS, _, _ := testTLS(t)
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, Config{MaxConns: 1, TLS: serverTLS})
+		start := time.Now()
+		silent := ts.connect()
+		time.Sleep(handshakeTimeout - time.Second) // so that its read's deadline comes after
+		silent.expectClosed()
+		if got := time.Since(start); got != handshakeTimeout {
+			t.Errorf("closed after %v, want %v", got, handshakeTimeout)
+		}
+		plain := ts.connect()
+		go writeAll(plain.conn, "hello\n")
+		for {
+			line, err := plain.readLine() // a TLS alert, if anything: no chat line
+			if err != nil {
+				break
+			}
+			if utf8.ValidString(line) && strings.Contains(line, "已上线") {
+				t.Fatalf("a plain client got %q", line)
+			}
+		}
+		ts.joinTLS(clientTLS) // the one slot was freed both times
+		ts.expectLogged(`"tls handshake failed"`)
+		if got := ts.srv.Stats()["tls_handshakes_failed"]; got != int64(2) {
+			t.Errorf("tls_handshakes_failed = %v, want 2", got)
+		}
+	})
+}
+
+// The real process over TLS, with the certificate in files: a user gets
+// in over loopback, and R10 at the stop.
+func TestProcessTLS(t *testing.T) {
+	t.Parallel()
+	_, clientTLS, certPEM, keyPEM := testTLS(t)
+	dir := t.TempDir()
+	certFile, keyFile := dir+"/cert.pem", dir+"/key.pem"
+	if err := os.WriteFile(certFile, certPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, keyPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd, stderr := startProcess(t, "-port", "0", "-tls-cert", certFile, "-tls-key", keyFile)
+	_, addr, _ := strings.Cut(waitLine(t, stderr, "msg=listening"), "addr=")
+	ts := &testServer{tb: t, dial: dialTCP(addr)}
+	a := ts.joinTLS(clientTLS)
+	a.send("who")
+	a.expect(a.whoLine())
+	cmd.Process.Signal(syscall.SIGTERM)
+	a.expect(r10)
+	a.expectClosed()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("exit: %v, want status 0", err)
+	}
+}
+
+// ---- what an operator sees ----
+
+func TestProcessVersion(t *testing.T) {
+	t.Parallel()
+	cmd := exec.Command(os.Args[0], "-version")
+	cmd.Env = append(os.Environ(), "CHAT_SERVER_MAIN=1")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("-version: %v", err)
+	}
+	if !strings.HasPrefix(string(out), "server ") || strings.Count(string(out), "\n") != 1 || !strings.Contains(string(out), "go1.") {
+		t.Errorf("-version printed %q, want one line: server, its version, Go's", out)
+	}
+}
+
+// With -log-format json every line of the log is a JSON object, with the
+// same events and keys as the text.
+func TestProcessJSONLog(t *testing.T) {
+	t.Parallel()
+	cmd, stderr := startProcess(t, "-port", "0", "-idle", "0", "-log-format", "json")
+	var events []map[string]any
+	next := func(msg string) map[string]any {
+		t.Helper()
+		line := waitLine(t, stderr, `"msg":"`+msg+`"`)
+		var ev map[string]any
+		if err := json.Unmarshal([]byte(line), &ev); err != nil {
+			t.Fatalf("not JSON: %q: %v", line, err)
+		}
+		events = append(events, ev)
+		return ev
+	}
+	listening := next("listening")
+	ts := &testServer{tb: t, dial: dialTCP(listening["addr"].(string))}
+	a := ts.join()
+	if ev := next("connect"); ev["addr"] != a.addr {
+		t.Errorf("connect %v, want addr %s", ev, a.addr)
+	}
+	a.conn.Close()
+	if ev := next("disconnect"); ev["addr"] != a.addr || ev["name"] != a.name || ev["reason"] != "closed by client" {
+		t.Errorf("disconnect %v", ev)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	next("shutdown")
+	for _, ev := range events {
+		if ev["level"] != "INFO" || ev["time"] == nil {
+			t.Errorf("event %v lacks its level or time", ev)
+		}
+	}
+}
+
+// The debug listener serves expvar's /debug/vars, with counters that move
+// as users join, chat and leave, and pprof.
+func TestProcessDebug(t *testing.T) {
+	t.Parallel()
+	_, stderr := startProcess(t, "-port", "0", "-idle", "0", "-debug-addr", "127.0.0.1:0")
+	_, debugAddr, _ := strings.Cut(waitLine(t, stderr, "msg=\"debug listening\""), "addr=")
+	_, addr, _ := strings.Cut(waitLine(t, stderr, "msg=listening"), "addr=")
+	get := func(path string) []byte {
+		t.Helper()
+		c := http.Client{Timeout: testTimeout}
+		resp, err := c.Get("http://" + debugAddr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s: %s, %v", path, resp.Status, err)
+		}
+		return body
+	}
+	type counters struct {
+		Chat struct {
+			Users       int64            `json:"users_online"`
+			Accepted    int64            `json:"connections_accepted"`
+			LinesIn     int64            `json:"lines_received"`
+			LinesOut    int64            `json:"lines_sent"`
+			BytesOut    int64            `json:"bytes_sent"`
+			Disconnects map[string]int64 `json:"disconnects"`
+			Rejects     map[string]int64 `json:"rejects"`
+		} `json:"chat"`
+	}
+	vars := func() counters {
+		var v counters
+		if err := json.Unmarshal(get("/debug/vars"), &v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	// Counters move a moment after what causes them: wait for each, a
+	// bounded time.
+	await := func(what string, ok func(counters) bool) {
+		t.Helper()
+		for range 500 {
+			if ok(vars()) {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		t.Fatalf("%s: counters %+v", what, vars())
+	}
+	if v := vars(); v.Chat.Users != 0 || v.Chat.Accepted != 0 {
+		t.Fatalf("before anyone came: %+v", v.Chat)
+	}
+	ts := &testServer{tb: t, dial: dialTCP(addr)}
+	a := ts.join()
+	b := ts.join(a)
+	a.send("hello")
+	a.expect(a.says("hello"))
+	b.expect(a.says("hello"))
+	await("two users, a line", func(v counters) bool {
+		// 已上线 ×3 and hello ×2 were written
+		return v.Chat.Users == 2 && v.Chat.Accepted == 2 && v.Chat.LinesIn == 1 && v.Chat.LinesOut == 5 && v.Chat.BytesOut > 0
+	})
+	b.conn.Close()
+	a.expect(b.offline())
+	await("one left", func(v counters) bool {
+		return v.Chat.Users == 1 && v.Chat.Disconnects["closed by client"] == 1 && v.Chat.LinesOut == 6
+	})
+	if !strings.Contains(string(get("/debug/pprof/")), "goroutine") {
+		t.Error("no pprof index")
+	}
+}
+
+func TestDebugAddrWarning(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		addr     string
+		loopback bool
+	}{
+		{"127.0.0.1:6060", true}, {"127.0.0.2:6060", true}, {"[::1]:6060", true},
+		{"0.0.0.0:6060", false}, {"[::]:6060", false}, {"192.0.2.1:6060", false},
+	} {
+		a, err := net.ResolveTCPAddr("tcp", tt.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := a.IP.IsLoopback(); got != tt.loopback {
+			t.Errorf("%s: loopback %v, want %v", tt.addr, got, tt.loopback)
+		}
+	}
+}
+
+func TestHostFlag(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		in, want string // want "" for an error
+	}{
+		{"127.0.0.1", "127.0.0.1"},
+		{"0.0.0.0", "0.0.0.0"},
+		{"::1", "::1"},
+		{"[::1]", "::1"},
+		{"::", "::"},
+		{"localhost", "localhost"},
+		{"chat.example.org", "chat.example.org"},
+		{"chat.example.org.", "chat.example.org."},
+		{"nonsense", "nonsense"}, // a name; whether it resolves is found later
+		{"1.2.3.4:80", ""},
+		{"[::1]:80", ""},
+		{"", ""},
+		{"a..b", ""},
+		{"-a.b", ""},
+		{"a_b", ""},
+		{"a b", ""},
+		{strings.Repeat("a", 64) + ".b", ""},
+	} {
+		var f hostFlag
+		err := f.Set(tt.in)
+		switch {
+		case tt.want == "" && err == nil:
+			t.Errorf("-ip %q accepted as %q", tt.in, f)
+		case tt.want != "" && (err != nil || string(f) != tt.want):
+			t.Errorf("-ip %q: %q, %v; want %q", tt.in, f, err, tt.want)
+		}
+	}
+}
+
 // ---- the process: flags, -port 0, signals, exit status ----
 
 // startProcess runs the test binary as the server with args and returns
@@ -2129,6 +2486,14 @@ func TestProcessBadFlags(t *testing.T) {
 		{[]string{"-verbose"}, 2, "verbose"},
 		{[]string{"extra"}, 2, "extra"},
 		{[]string{"-ip", "192.0.2.1", "-port", "0"}, 1, "192.0.2.1"},
+		{[]string{"-ip", "1.2.3.4:80"}, 2, "want an IP address or a host name"},
+		{[]string{"-ip", "[::1]:80"}, 2, "want an IP address or a host name"},
+		{[]string{"-ip", "no such host"}, 2, "want an IP address or a host name"},
+		{[]string{"-ip", "nosuchhost.invalid"}, 2, "no such host"},
+		{[]string{"-log-format", "xml"}, 2, "-log-format"},
+		{[]string{"-tls-cert", "cert.pem"}, 2, "-tls-cert and -tls-key go together"},
+		{[]string{"-tls-cert", "/no/such/cert.pem", "-tls-key", "/no/such/key.pem"}, 2, "-tls-cert"},
+		{[]string{"-port", "0", "-debug-addr", "127.0.0.1:99999"}, 1, "-debug-addr"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
@@ -2159,7 +2524,7 @@ func TestProcessHelp(t *testing.T) {
 	if err != nil {
 		t.Fatalf("-h: %v", err)
 	}
-	for _, flag := range []string{"-ip", "-port", "-idle", "-max-conns", "-max-conns-per-ip", "-rate"} {
+	for _, flag := range []string{"-ip", "-port", "-idle", "-max-conns", "-max-conns-per-ip", "-rate", "-tls-cert", "-tls-key", "-log-format", "-debug-addr", "-version"} {
 		if !strings.Contains(string(out), flag) {
 			t.Errorf("-h does not explain %s:\n%s", flag, out)
 		}

@@ -81,6 +81,7 @@ const (
 	reasonStalled
 	reasonStopping
 	reasonWriteFailed
+	reasons // how many
 )
 
 var reasonText = [...]string{
@@ -335,6 +336,7 @@ type outbox struct {
 	mu       sync.Mutex
 	chunks   []*chunk  // the lines waiting, in order; the last may have room
 	queued   int       // bytes in chunks
+	lines    int       // lines in chunks
 	inflight int       // bytes the writer has taken and not written yet
 	sealed   bool      // nothing more is queued: once it is written the writer ends
 	stallAt  time.Time // the batch being written stalls: the client took nothing since stallTimeout
@@ -364,6 +366,9 @@ func (u *User) push(line []byte, bound int, whole bool) (took, wake bool) {
 	}
 	wake = o.queued == 0
 	o.appendLocked(line)
+	if o.lines++; whole { // a who reply: many lines
+		o.lines += bytes.Count(line, []byte("\n")) - 1
+	}
 	return true, wake
 }
 
@@ -413,7 +418,7 @@ func (u *User) abortLocked() {
 	o.sealed = true
 	u.srv.queued.Add(-int64(o.queued))
 	freeChunks(o.chunks)
-	o.chunks, o.queued = nil, 0
+	o.chunks, o.queued, o.lines = nil, 0, 0
 	u.deadlineLocked(aLongTimeAgo)
 	u.wakeWriter()
 }
@@ -463,6 +468,7 @@ func (u *User) ListenMessage() bool {
 	}
 	clear(w.iov[:])
 	freeChunks(w.batch)
+	u.srv.stats.linesOut.Add(int64(w.lines))
 	return !w.last
 }
 
@@ -489,6 +495,7 @@ func (u *User) nextBatch() bool {
 	if len(w.bufs) == 0 && w.next == len(w.batch) {
 		w.batch, o.chunks = o.chunks, w.batch[:0]
 		o.inflight, o.queued = o.queued, 0
+		w.lines, o.lines = o.lines, 0
 		w.next, w.last = 0, o.sealed
 		if len(w.batch) == 0 {
 			// The list and the queue's swap places batch after batch:
@@ -589,6 +596,7 @@ func (u *User) wrote(n int) {
 // costs no allocation.
 type writer struct {
 	batch []*chunk
+	lines int  // lines in batch
 	next  int  // batch[next] is the first chunk not in bufs yet
 	last  bool // the queue was sealed when batch was taken: nothing follows it
 	took  bool // the client took some of the batch since the deadline was set
