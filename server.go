@@ -342,10 +342,10 @@ func (s *Server) welcome(conn net.Conn, key netip.Prefix) {
 // and logged.
 func (s *Server) handshake(ctx context.Context, raw net.Conn, key netip.Prefix) {
 	conn := tls.Server(raw, s.tls)
+	// The deadline, not a context's timeout, bounds it: on a context's end
+	// crypto/tls closes the connection itself, before the slot is freed.
 	raw.SetDeadline(time.Now().Add(handshakeTimeout))
-	hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
-	err := conn.HandshakeContext(hctx)
-	cancel()
+	err := conn.HandshakeContext(ctx)
 	if err == nil && ctx.Err() == nil { // no join once the server stops
 		raw.SetDeadline(time.Time{})
 		s.welcome(conn, key)
@@ -354,12 +354,14 @@ func (s *Server) handshake(ctx context.Context, raw net.Conn, key netip.Prefix) 
 	if err == nil {
 		err = ctx.Err()
 	}
-	s.stats.handshakesFailed.Add(1)
-	s.log.Info("tls handshake failed", "addr", raw.RemoteAddr().String(), "err", err.Error())
-	raw.Close()
+	// The slot is freed and counted before the close, as a user's is:
+	// whoever sees the close may take the slot at once.
 	s.mu.Lock()
 	s.releaseLocked(key)
 	s.mu.Unlock()
+	s.stats.handshakesFailed.Add(1)
+	s.log.Info("tls handshake failed", "addr", raw.RemoteAddr().String(), "err", err.Error())
+	raw.Close()
 }
 
 // checkDescriptors warns when -max-conns users could need more file
