@@ -1721,7 +1721,9 @@ func TestTCPWhisperFlood(t *testing.T) {
 			got++
 		}
 	})
-	someone := ts.joinFrom("127.0.0.3", alice)
+	// Not checked on alice's side: the lines the server had read before
+	// the stop still come to her, at the flood control's pace.
+	someone := ts.joinFrom("127.0.0.3")
 	someone.send("rename|alice")
 	someone.expect(r2)
 	t.Logf("alice kept %d whispers of 4 KB from 16 connections in 3 s, and her name", got)
