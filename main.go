@@ -176,9 +176,7 @@ func serveDebug(ctx context.Context, addr string, srv *Server, log *slog.Logger)
 	if err != nil {
 		return err
 	}
-	if a, ok := ln.Addr().(*net.TCPAddr); ok && !a.IP.IsLoopback() {
-		log.Warn("the debug listener is not on a loopback address: whoever reaches it can read the counters and take profiles", "addr", ln.Addr().String())
-	}
+	warnIfExposed(log, ln.Addr())
 	expvar.Publish("chat", expvar.Func(func() any { return srv.Stats() }))
 	mux := http.NewServeMux()
 	mux.Handle("/debug/vars", expvar.Handler())
@@ -192,6 +190,14 @@ func serveDebug(ctx context.Context, addr string, srv *Server, log *slog.Logger)
 	context.AfterFunc(ctx, func() { hs.Close() })
 	log.Info("debug listening", "addr", ln.Addr().String())
 	return nil
+}
+
+// warnIfExposed warns when the debug listener's address a is not a
+// loopback one: whoever reaches it can read the counters and take profiles.
+func warnIfExposed(log *slog.Logger, a net.Addr) {
+	if ta, ok := a.(*net.TCPAddr); ok && !ta.IP.IsLoopback() {
+		log.Warn("the debug listener is not on a loopback address: whoever reaches it can read the counters and take profiles", "addr", a.String())
+	}
 }
 
 // hostFlag is an IP address, with or without brackets, or a host name.

@@ -1478,6 +1478,32 @@ func TestTCPHalfClose(t *testing.T) {
 	b.expect(b.whoLine())
 }
 
+// A client's end is logged as what it was: a close, or a reset (which is
+// the client's doing, not a fault of the server's).
+func TestTCPDisconnectReasons(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		name, reason string
+		reset        bool
+	}{
+		{"close", `reason="closed by client"`, false},
+		{"reset", `reason="reset by client"`, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			ts := startTCP(t, Config{})
+			a := ts.join()
+			b := ts.join(a)
+			if tt.reset {
+				a.conn.(*net.TCPConn).SetLinger(0) // the close sends RST
+			}
+			a.conn.Close()
+			b.expect(a.offline()) // logged before it is handed out
+			ts.expectLogged("disconnect", "addr="+a.addr, tt.reason)
+		})
+	}
+}
+
 func TestTCPLongLines(t *testing.T) {
 	t.Parallel()
 	ts := startTCP(t, Config{})
@@ -2237,8 +2263,10 @@ func TestDebugAddrWarning(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := a.IP.IsLoopback(); got != tt.loopback {
-			t.Errorf("%s: loopback %v, want %v", tt.addr, got, tt.loopback)
+		var logs bytes.Buffer
+		warnIfExposed(slog.New(slog.NewTextHandler(&logs, nil)), a)
+		if warned := strings.Contains(logs.String(), "level=WARN"); warned == tt.loopback {
+			t.Errorf("%s: warned %v, want %v (log: %q)", tt.addr, warned, !tt.loopback, logs.String())
 		}
 	}
 }
