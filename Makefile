@@ -23,17 +23,14 @@ run: build
 # The tests mostly wait (on sockets, on fake time): -parallel lets them
 # wait together rather than two at a time on a machine of two cores.
 test:
-	go vet ./...
-	@if [ "$$(go env CGO_ENABLED)" = 1 ]; then \
-		echo "go test -race -count=1 -parallel 16 ./..."; \
-		go test -race -count=1 -parallel 16 ./...; \
+	@if [ "$$(go env CGO_ENABLED)" = 1 ]; then race="-race "; \
 	elif [ "$(RACE)" = require ]; then \
 		echo "make test: the race detector needs cgo and a C compiler (go env CGO_ENABLED is 0)"; exit 1; \
 	else \
-		echo "make test: no race detector: it needs cgo and a C compiler (go env CGO_ENABLED is 0)"; \
-		echo "go test -count=1 -parallel 16 ./..."; \
-		go test -count=1 -parallel 16 ./...; \
-	fi
+		race=""; echo "make test: no race detector: it needs cgo and a C compiler (go env CGO_ENABLED is 0)"; \
+	fi; \
+	echo "go vet ./..."; go vet ./... || exit 1; \
+	echo "go test $${race}-count=1 -parallel 16 ./..."; go test $${race}-count=1 -parallel 16 ./...
 
 bench:
 	go test -run '^$$' -bench . -benchtime $(BENCHTIME) -count 1 .

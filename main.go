@@ -51,7 +51,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	tlsKey := fs.String("tls-key", "", "private key `file` (PEM) of -tls-cert")
 	logFormat := choiceFlag{v: "text", of: []string{"text", "json"}}
 	fs.Var(&logFormat, "log-format", "the log's `format` on stderr: text or json")
-	debugAddr := fs.String("debug-addr", "", "serve the counters (/debug/vars) and profiles (/debug/pprof/) over HTTP on this `host:port`; off if empty")
+	debugAddr := hostPortFlag{port: rangeFlag{max: 65535}}
+	fs.Var(&debugAddr, "debug-addr", "serve the counters (/debug/vars) and profiles (/debug/pprof/) over HTTP on this `host:port` (the host as -ip takes it); off if empty")
 	version := fs.Bool("version", false, "print the version and exit")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: server [-ip 127.0.0.1] [-port 8888] [-idle 5m] [-max-conns 10000]\n"+
@@ -80,9 +81,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		cfg.TLS, err = loadTLS(*tlsCert, *tlsKey)
 	}
-	var host netip.Addr
+	var host, debugHost netip.Addr
 	if err == nil {
-		host, err = ip.resolve()
+		host, err = ip.resolve("-ip")
+	}
+	if err == nil && debugAddr.set {
+		debugHost, err = debugAddr.host.resolve("-debug-addr")
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "server: %v (see server -h)\n", err)
@@ -94,7 +98,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		h = slog.NewJSONHandler(stderr, nil)
 	}
 	log := slog.New(h)
-	ln, err := net.Listen("tcp", netip.AddrPortFrom(host, uint16(port.v)).String())
+	ln, err := listenTCP(netip.AddrPortFrom(host, uint16(port.v)))
 	if err != nil {
 		fmt.Fprintf(stderr, "server: %v\n", err)
 		return 1
@@ -117,8 +121,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	context.AfterFunc(ctx, stop)
 
 	srv := NewServer(log, cfg)
-	if *debugAddr != "" {
-		if err := serveDebug(ctx, *debugAddr, srv, log); err != nil {
+	if debugAddr.set {
+		if err := serveDebug(ctx, netip.AddrPortFrom(debugHost, uint16(debugAddr.port.v)), srv, log); err != nil {
 			ln.Close()
 			fmt.Fprintf(stderr, "server: -debug-addr: %v\n", err)
 			return 1
@@ -171,8 +175,8 @@ func loadTLS(certFile, keyFile string) (*tls.Config, error) {
 // serveDebug serves what an operator looks at on addr, until ctx is done:
 // expvar's /debug/vars, the server's counters under "chat", and
 // net/http/pprof's /debug/pprof/.
-func serveDebug(ctx context.Context, addr string, srv *Server, log *slog.Logger) error {
-	ln, err := net.Listen("tcp", addr)
+func serveDebug(ctx context.Context, addr netip.AddrPort, srv *Server, log *slog.Logger) error {
+	ln, err := listenTCP(addr)
 	if err != nil {
 		return err
 	}
@@ -200,6 +204,20 @@ func warnIfExposed(log *slog.Logger, a net.Addr) {
 	}
 }
 
+// listenTCP listens on a: an IPv4 address with IPv4 alone, since Go would
+// make 0.0.0.0 serve IPv6 as well; an IPv6 one as the system does (on
+// Linux, :: serves IPv4 too).
+func listenTCP(a netip.AddrPort) (net.Listener, error) {
+	return net.Listen(tcpNetwork(a.Addr()), a.String())
+}
+
+func tcpNetwork(a netip.Addr) string {
+	if a.Is4() {
+		return "tcp4"
+	}
+	return "tcp"
+}
+
 // hostFlag is an IP address, with or without brackets, or a host name.
 type hostFlag string
 
@@ -216,7 +234,7 @@ func (f *hostFlag) Set(s string) error {
 
 // resolve returns the address to listen on: the flag's, or its host name's
 // first address.
-func (f hostFlag) resolve() (netip.Addr, error) {
+func (f hostFlag) resolve(name string) (netip.Addr, error) {
 	if a, err := netip.ParseAddr(string(f)); err == nil {
 		return a, nil
 	}
@@ -233,9 +251,36 @@ func (f hostFlag) resolve() (netip.Addr, error) {
 		err = errors.New("no address")
 	}
 	if err != nil {
-		return netip.Addr{}, fmt.Errorf("invalid value %q for flag -ip: %w", string(f), err)
+		return netip.Addr{}, fmt.Errorf("invalid value %q for flag %s: %w", string(f), name, err)
 	}
 	return addrs[0].Unmap(), nil
+}
+
+// hostPortFlag is host:port, the host as hostFlag takes it, or empty
+// (":6060") for every interface.
+type hostPortFlag struct {
+	host hostFlag
+	port rangeFlag
+	set  bool
+}
+
+func (f *hostPortFlag) String() string {
+	if !f.set {
+		return ""
+	}
+	return net.JoinHostPort(string(f.host), f.port.String())
+}
+
+func (f *hostPortFlag) Set(s string) error {
+	h, p, err := net.SplitHostPort(s)
+	if h == "" {
+		h = "::"
+	}
+	if err != nil || f.port.Set(p) != nil || f.host.Set(h) != nil {
+		return fmt.Errorf("want host:port, such as 127.0.0.1:6060 (a port from 0 to %d)", f.port.max)
+	}
+	f.set = true
+	return nil
 }
 
 // isHostName reports whether s is a host name as RFC 1123 writes one:

@@ -19,6 +19,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -2305,6 +2306,43 @@ func TestHostFlag(t *testing.T) {
 	}
 }
 
+func TestHostPortFlag(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		in, want string // want "" for an error
+	}{
+		{"127.0.0.1:6060", "127.0.0.1:6060"},
+		{"[::1]:6060", "[::1]:6060"},
+		{"localhost:0", "localhost:0"},
+		{":6060", "[::]:6060"}, // every interface, as Go's listeners take it
+		{"127.0.0.1", ""},
+		{"nonsense", ""},
+		{"127.0.0.1:99999", ""},
+		{"127.0.0.1:http", ""},
+		{"a b:6060", ""},
+	} {
+		f := hostPortFlag{port: rangeFlag{max: 65535}}
+		err := f.Set(tt.in)
+		switch {
+		case tt.want == "" && err == nil:
+			t.Errorf("-debug-addr %q accepted as %q", tt.in, f.String())
+		case tt.want != "" && (err != nil || f.String() != tt.want):
+			t.Errorf("-debug-addr %q: %q, %v; want %q", tt.in, f.String(), err, tt.want)
+		}
+	}
+}
+
+// An IPv4 address is listened on with IPv4 alone: Go's "tcp" would make
+// 0.0.0.0 serve IPv6 too, where README promises IPv4.
+func TestTCPNetwork(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]string{"0.0.0.0": "tcp4", "127.0.0.1": "tcp4", "::": "tcp", "::1": "tcp"} {
+		if got := tcpNetwork(netip.MustParseAddr(in)); got != want {
+			t.Errorf("tcpNetwork(%s) = %s, want %s", in, got, want)
+		}
+	}
+}
+
 // ---- the process: flags, -port 0, signals, exit status ----
 
 // startProcess runs the test binary as the server with args and returns
@@ -2522,7 +2560,10 @@ func TestProcessBadFlags(t *testing.T) {
 		{[]string{"-log-format", "xml"}, 2, "-log-format"},
 		{[]string{"-tls-cert", "cert.pem"}, 2, "-tls-cert and -tls-key go together"},
 		{[]string{"-tls-cert", "/no/such/cert.pem", "-tls-key", "/no/such/key.pem"}, 2, "-tls-cert"},
-		{[]string{"-port", "0", "-debug-addr", "127.0.0.1:99999"}, 1, "-debug-addr"},
+		{[]string{"-debug-addr", "nonsense"}, 2, "invalid value \"nonsense\" for flag -debug-addr: want host:port"},
+		{[]string{"-debug-addr", "127.0.0.1:99999"}, 2, "-debug-addr: want host:port"},
+		{[]string{"-debug-addr", "nosuchhost.invalid:6060"}, 2, "-debug-addr: no such host"},
+		{[]string{"-port", "0", "-debug-addr", "192.0.2.1:0"}, 1, "-debug-addr"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
