@@ -2131,8 +2131,7 @@ func TestProcessTLS(t *testing.T) {
 
 func TestProcessVersion(t *testing.T) {
 	t.Parallel()
-	cmd := exec.Command(os.Args[0], "-version")
-	cmd.Env = append(os.Environ(), "CHAT_SERVER_MAIN=1")
+	cmd := oneShot(t, "-version")
 	out, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("-version: %v", err)
@@ -2358,6 +2357,17 @@ func startProcessEnv(t *testing.T, env []string, args ...string) (*exec.Cmd, cha
 	return cmd, lines
 }
 
+// oneShot is the server's process for a run that must end on its own (a
+// flag error, -h, -version): should the server start instead, it is killed
+// after testTimeout, and the exit status tells.
+func oneShot(t *testing.T, args ...string) *exec.Cmd {
+	ctx, cancel := context.WithTimeout(t.Context(), testTimeout)
+	t.Cleanup(cancel)
+	cmd := exec.CommandContext(ctx, os.Args[0], args...)
+	cmd.Env = append(os.Environ(), "CHAT_SERVER_MAIN=1")
+	return cmd
+}
+
 // startProcessPipe is startProcessEnv that also returns stderr's read end.
 func startProcessPipe(t *testing.T, env []string, args ...string) (*exec.Cmd, chan string, io.Closer) {
 	t.Helper()
@@ -2568,8 +2578,7 @@ func TestProcessBadFlags(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
 			t.Parallel()
-			cmd := exec.Command(os.Args[0], tt.args...)
-			cmd.Env = append(os.Environ(), "CHAT_SERVER_MAIN=1")
+			cmd := oneShot(t, tt.args...)
 			var stderr bytes.Buffer
 			cmd.Stderr = &stderr
 			cmd.WaitDelay = testTimeout
@@ -2588,8 +2597,7 @@ func TestProcessBadFlags(t *testing.T) {
 
 func TestProcessHelp(t *testing.T) {
 	t.Parallel()
-	cmd := exec.Command(os.Args[0], "-h")
-	cmd.Env = append(os.Environ(), "CHAT_SERVER_MAIN=1")
+	cmd := oneShot(t, "-h")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("-h: %v", err)
