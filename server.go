@@ -167,7 +167,8 @@ func NewServer(log *slog.Logger, cfg Config) *Server {
 	return s
 }
 
-// stats counts what the server did, for releaseMemory.
+// stats counts what the server did: for its operator (Stats), and for
+// releaseMemory, which looks for a quiet spell.
 type stats struct {
 	accepted         atomic.Int64 // connections that became users
 	linesIn          atomic.Int64 // complete lines received

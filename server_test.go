@@ -2114,17 +2114,12 @@ func TestProcessTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd, stderr := startProcess(t, "-port", "0", "-tls-cert", certFile, "-tls-key", keyFile)
-	_, addr, _ := strings.Cut(waitLine(t, stderr, "msg=listening"), "addr=")
-	ts := &testServer{tb: t, dial: dialTCP(addr)}
+	ts := listening(t, stderr)
 	a := ts.joinTLS(clientTLS)
 	a.send("who")
 	a.expect(a.whoLine())
 	cmd.Process.Signal(syscall.SIGTERM)
-	a.expect(r10)
-	a.expectClosed()
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("exit: %v, want status 0", err)
-	}
+	expectCleanExit(t, cmd, a)
 }
 
 // ---- what an operator sees ----
@@ -2182,7 +2177,7 @@ func TestProcessDebug(t *testing.T) {
 	t.Parallel()
 	_, stderr := startProcess(t, "-port", "0", "-idle", "0", "-debug-addr", "127.0.0.1:0")
 	_, debugAddr, _ := strings.Cut(waitLine(t, stderr, "msg=\"debug listening\""), "addr=")
-	_, addr, _ := strings.Cut(waitLine(t, stderr, "msg=listening"), "addr=")
+	ts := listening(t, stderr)
 	get := func(path string) []byte {
 		t.Helper()
 		c := http.Client{Timeout: testTimeout}
@@ -2230,7 +2225,6 @@ func TestProcessDebug(t *testing.T) {
 	if v := vars(); v.Chat.Users != 0 || v.Chat.Accepted != 0 {
 		t.Fatalf("before anyone came: %+v", v.Chat)
 	}
-	ts := &testServer{tb: t, dial: dialTCP(addr)}
 	a := ts.join()
 	b := ts.join(a)
 	a.send("hello")
@@ -2419,12 +2413,7 @@ func TestProcessStartAndSignal(t *testing.T) {
 		t.Run(sig.String(), func(t *testing.T) {
 			t.Parallel()
 			cmd, stderr := startProcess(t, "-port", "0", "-idle", "0")
-			line := waitLine(t, stderr, "msg=listening")
-			_, addr, ok := strings.Cut(line, "addr=")
-			if !ok || strings.HasSuffix(addr, ":0") {
-				t.Fatalf("listening line %q does not give the real address", line)
-			}
-			ts := &testServer{tb: t, dial: dialTCP(addr)}
+			ts := listening(t, stderr)
 			a := ts.join()
 			b := ts.join(a)
 			b.send("bye")
@@ -2435,14 +2424,8 @@ func TestProcessStartAndSignal(t *testing.T) {
 			if err := cmd.Process.Signal(sig); err != nil {
 				t.Fatal(err)
 			}
-			for _, c := range []*client{a, b} {
-				c.expect(r10)
-				c.expectClosed()
-			}
-			waitLine(t, stderr, "msg=shutdown")
-			if err := cmd.Wait(); err != nil {
-				t.Fatalf("exit: %v, want status 0", err)
-			}
+			waitLine(t, stderr, "msg=shutdown") // logged before R10 is handed out
+			expectCleanExit(t, cmd, a, b)
 			if d := time.Since(start); d > 5*time.Second {
 				t.Errorf("exit took %v, want at most 5s", d)
 			}
@@ -2456,18 +2439,13 @@ func TestProcessStartAndSignal(t *testing.T) {
 func TestProcessLogReaderGone(t *testing.T) {
 	t.Parallel()
 	cmd, stderr, pipe := startProcessPipe(t, nil, "-port", "0", "-idle", "0")
-	_, addr, _ := strings.Cut(waitLine(t, stderr, "msg=listening"), "addr=")
-	ts := &testServer{tb: t, dial: dialTCP(addr)}
+	ts := listening(t, stderr)
 	a := ts.join()
 	pipe.Close()
 	if err := cmd.Process.Signal(os.Interrupt); err != nil {
 		t.Fatal(err)
 	}
-	a.expect(r10)
-	a.expectClosed()
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("exit: %v, want status 0", err)
-	}
+	expectCleanExit(t, cmd, a)
 }
 
 // Closing the terminal of the server (SIGHUP) stops it as SIGTERM does;
@@ -2475,8 +2453,7 @@ func TestProcessLogReaderGone(t *testing.T) {
 func TestProcessNohup(t *testing.T) {
 	t.Parallel()
 	cmd, stderr := startProcessEnv(t, []string{"CHAT_SERVER_NOHUP=1"}, "-port", "0", "-idle", "0")
-	_, addr, _ := strings.Cut(waitLine(t, stderr, "msg=listening"), "addr=")
-	ts := &testServer{tb: t, dial: dialTCP(addr)}
+	ts := listening(t, stderr)
 	a := ts.join()
 	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
@@ -2487,7 +2464,29 @@ func TestProcessNohup(t *testing.T) {
 	a.send("still here")
 	a.expect(a.says("still here"))
 	cmd.Process.Signal(syscall.SIGTERM)
-	a.expect(r10)
+	expectCleanExit(t, cmd, a)
+}
+
+// listening waits for the process's listening line, and returns a
+// testServer that dials the address it gives (the real port, not 0).
+func listening(t *testing.T, stderr chan string) *testServer {
+	t.Helper()
+	line := waitLine(t, stderr, "msg=listening")
+	_, addr, ok := strings.Cut(line, "addr=")
+	if !ok || strings.HasSuffix(addr, ":0") {
+		t.Fatalf("listening line %q does not give the real address", line)
+	}
+	return &testServer{tb: t, dial: dialTCP(addr)}
+}
+
+// expectCleanExit checks that the stopping process tells each user R10
+// and closes, and then exits 0.
+func expectCleanExit(t *testing.T, cmd *exec.Cmd, users ...*client) {
+	t.Helper()
+	for _, c := range users {
+		c.expect(r10)
+		c.expectClosed()
+	}
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("exit: %v, want status 0", err)
 	}
@@ -2519,9 +2518,8 @@ func signalIgnored(t *testing.T, pid int, sig syscall.Signal) bool {
 func TestProcessOutOfDescriptors(t *testing.T) {
 	t.Parallel()
 	_, stderr := startProcessEnv(t, []string{"CHAT_SERVER_NOFILE=40"}, "-port", "0", "-idle", "0", "-max-conns-per-ip", "0")
-	_, addr, _ := strings.Cut(waitLine(t, stderr, "msg=listening"), "addr=")
+	ts := listening(t, stderr)
 	waitLine(t, stderr, "file descriptor limit below -max-conns")
-	ts := &testServer{tb: t, dial: dialTCP(addr)}
 	full := 0
 	for range 60 {
 		c := ts.connect()
