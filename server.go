@@ -600,9 +600,8 @@ func (l *rejectLog) flush() {
 // Handler serves one user, as the course's Handler does: it runs the
 // select loop that writes the user's queue when it has something
 // (nextBatch, ListenMessage) and kicks the user when no line came for
-// s.idle. Once
-// the user has left and its queue is written, Handler waits for the
-// reader and closes the connection.
+// s.idle. Once the user has left and its queue is written, Handler waits
+// for the reader and closes the connection.
 //
 // Its goroutine waits most of its life and must stay in Go's smallest
 // stack, 2 KiB: a stack that grows to 4 KiB never shrinks back (a
