@@ -5,6 +5,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -12,6 +13,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"math"
 	"net"
@@ -23,6 +25,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -34,25 +37,39 @@ func main() {
 // run is main without the exit, so that it can be tested: it returns 0 after
 // a clean stop, 1 when the server cannot run, and 2 for bad flags.
 func run(args []string, stdout, stderr io.Writer) int {
+	cfg := Config{Idle: 5 * time.Minute, MaxConns: 10000, MaxConnsPerIP: 16, Rate: 5}
+	host, port, debugAddr, logFormat := "127.0.0.1", 8888, "", "text"
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
-	ip := hostFlag("127.0.0.1")
-	fs.Var(&ip, "ip", "`address` to listen on: an IP address (127.0.0.1, 0.0.0.0, ::1, ::) or a host name")
-	port := rangeFlag{v: 8888, max: 65535}
-	fs.Var(&port, "port", "TCP `port` to listen on, 0 to pick a free one")
-	idle := durationFlag(5 * time.Minute)
-	fs.Var(&idle, "idle", "kick a user who sends no line for this `duration` (10s, 5m, 1h30m), 0 to never kick")
-	maxConns := rangeFlag{v: 10000, max: math.MaxInt32}
-	fs.Var(&maxConns, "max-conns", "most `users` online at once, 0 for no limit")
-	perIP := rangeFlag{v: 16, max: math.MaxInt32}
-	fs.Var(&perIP, "max-conns-per-ip", "most `users` online at once from one address (IPv4, or IPv6 /64), which may also open twice as many connections at once and as many a minute; 0 for no limit")
-	rate := rateFlag(5)
-	fs.Var(&rate, "rate", "flood control: the `units` a user's budget of 20 gets back each second (a line costs one per started 512 bytes), 0 for no limit")
+	fs.Func("ip", "`address` to listen on: an IP address (127.0.0.1, 0.0.0.0, ::1, [::1], ::) or a host name (default 127.0.0.1)",
+		func(s string) (err error) { host, err = parseHost(s); return err })
+	fs.Func("port", "TCP `port` to listen on, 0 to pick a free one (default 8888)", intFlag(&port, 65535))
+	fs.Func("idle", "kick a user who sends no line for this `duration` (10s, 5m, 1h30m), 0 to never kick (default 5m)",
+		func(s string) (err error) {
+			cfg.Idle, err = time.ParseDuration(s)
+			return want(err == nil && cfg.Idle >= 0, "a duration of 0 or more with its unit, such as 10s or 5m")
+		})
+	fs.Func("max-conns", "most `users` online at once, 0 for no limit (default 10000)", intFlag(&cfg.MaxConns, math.MaxInt32))
+	fs.Func("max-conns-per-ip", "most `users` online at once from one address (IPv4, or IPv6 /64), which may also open twice as many connections at once and as many a minute; 0 for no limit (default 16)",
+		intFlag(&cfg.MaxConnsPerIP, math.MaxInt32))
+	fs.Func("rate", "flood control: the `units` a user's budget of 20 gets back each second (a line costs one per started 512 bytes), from 0.01 to 1000, or 0 for no limit (default 5)",
+		func(s string) (err error) {
+			cfg.Rate, err = strconv.ParseFloat(s, 64)
+			return want(err == nil && (cfg.Rate == 0 || cfg.Rate >= 0.01 && cfg.Rate <= 1000), "0, or a number of units a second from 0.01 to 1000, such as 5 or 0.5")
+		})
 	tlsCert := fs.String("tls-cert", "", "certificate `file` (PEM); with -tls-key, clients speak TLS 1.2 or later on the port")
 	tlsKey := fs.String("tls-key", "", "private key `file` (PEM) of -tls-cert")
-	logFormat := choiceFlag{v: "text", of: []string{"text", "json"}}
-	fs.Var(&logFormat, "log-format", "the log's `format` on stderr: text or json")
-	debugAddr := hostPortFlag{port: rangeFlag{max: 65535}}
-	fs.Var(&debugAddr, "debug-addr", "serve the counters (/debug/vars) and profiles (/debug/pprof/) over HTTP on this `host:port` (the host as -ip takes it); off if empty")
+	fs.Func("log-format", "the log's `format` on stderr: text or json (default text)", func(s string) error {
+		logFormat = s
+		return want(s == "text" || s == "json", "text or json")
+	})
+	fs.Func("debug-addr", "serve the counters (/debug/vars) and profiles (/debug/pprof/) over HTTP on this `host:port` (the host as -ip takes it, empty for every interface); off if empty",
+		func(s string) error {
+			h, p, err := net.SplitHostPort(s)
+			h, herr := parseHost(cmp.Or(h, "::"))
+			n, perr := strconv.Atoi(p)
+			debugAddr = net.JoinHostPort(h, p)
+			return want(err == nil && herr == nil && perr == nil && n >= 0 && n <= 65535, "host:port, such as 127.0.0.1:6060 (a port from 0 to 65535)")
+		})
 	version := fs.Bool("version", false, "print the version and exit")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: server [-ip 127.0.0.1] [-port 8888] [-idle 5m] [-max-conns 10000]\n"+
@@ -77,16 +94,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, versionLine())
 		return 0
 	}
-	cfg := Config{Idle: time.Duration(idle), MaxConns: maxConns.v, MaxConnsPerIP: perIP.v, Rate: float64(rate)}
 	if err == nil {
 		cfg.TLS, err = loadTLS(*tlsCert, *tlsKey)
 	}
-	var host, debugHost netip.Addr
+	var addr, debug netip.AddrPort
 	if err == nil {
-		host, err = ip.resolve("-ip")
+		addr, err = resolve("-ip", net.JoinHostPort(host, strconv.Itoa(port)))
 	}
-	if err == nil && debugAddr.set {
-		debugHost, err = debugAddr.host.resolve("-debug-addr")
+	if err == nil && debugAddr != "" {
+		debug, err = resolve("-debug-addr", debugAddr)
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "server: %v (see server -h)\n", err)
@@ -94,11 +110,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 
 	var h slog.Handler = slog.NewTextHandler(stderr, nil)
-	if logFormat.v == "json" {
+	if logFormat == "json" {
 		h = slog.NewJSONHandler(stderr, nil)
 	}
-	log := slog.New(h)
-	ln, err := listenTCP(netip.AddrPortFrom(host, uint16(port.v)))
+	ln, err := listenTCP(addr)
 	if err != nil {
 		fmt.Fprintf(stderr, "server: %v\n", err)
 		return 1
@@ -120,9 +135,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	// After the first signal, a second one kills the process at once.
 	context.AfterFunc(ctx, stop)
 
-	srv := NewServer(log, cfg)
-	if debugAddr.set {
-		if err := serveDebug(ctx, netip.AddrPortFrom(debugHost, uint16(debugAddr.port.v)), srv, log); err != nil {
+	srv := NewServer(slog.New(h), cfg)
+	if debugAddr != "" {
+		if err := serveDebug(ctx, debug, srv); err != nil {
 			ln.Close()
 			fmt.Fprintf(stderr, "server: -debug-addr: %v\n", err)
 			return 1
@@ -133,6 +148,77 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// intFlag sets *v to a whole number from 0 to max.
+func intFlag(v *int, max int) func(string) error {
+	return func(s string) (err error) {
+		*v, err = strconv.Atoi(s)
+		return want(err == nil && *v >= 0 && *v <= max, fmt.Sprintf("a whole number from 0 to %d", max))
+	}
+}
+
+// want is a flag's error: what it wants, unless ok.
+func want(ok bool, what string) error {
+	if ok {
+		return nil
+	}
+	return errors.New("want " + what)
+}
+
+// parseHost takes an IP address, with or without both brackets, or a host
+// name as RFC 1123 writes one: dot-separated labels of letters, digits and
+// inner hyphens.
+func parseHost(s string) (string, error) {
+	const wanted = "an IP address or a host name, such as 127.0.0.1, ::1 or localhost"
+	if ip, ok := strings.CutPrefix(s, "["); ok {
+		ip, ok = strings.CutSuffix(ip, "]")
+		_, err := netip.ParseAddr(ip)
+		return ip, want(ok && err == nil, wanted)
+	}
+	if _, err := netip.ParseAddr(s); err == nil {
+		return s, nil
+	}
+	ok := true
+	for _, l := range strings.Split(strings.TrimSuffix(s, "."), ".") {
+		ok = ok && l != "" && len(l) <= 63 && l[0] != '-' && l[len(l)-1] != '-' && !strings.ContainsFunc(l, func(r rune) bool {
+			return !(r == '-' || r >= '0' && r <= '9' || r|0x20 >= 'a' && r|0x20 <= 'z')
+		})
+	}
+	return s, want(ok, wanted)
+}
+
+// resolve returns the address to listen on: hostPort's, or its host name's
+// first address.
+func resolve(flagName, hostPort string) (netip.AddrPort, error) {
+	h, p, _ := net.SplitHostPort(hostPort)
+	port, _ := strconv.Atoi(p)
+	if a, err := netip.ParseAddr(h); err == nil {
+		return netip.AddrPortFrom(a, uint16(port)), nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", h)
+	if dns := (*net.DNSError)(nil); errors.As(err, &dns) {
+		err = errors.New(dns.Err) // "no such host", without the name twice
+	} else if err == nil && len(addrs) == 0 {
+		err = errors.New("no address")
+	}
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("invalid value %q for flag %s: %w", h, flagName, err)
+	}
+	return netip.AddrPortFrom(addrs[0].Unmap(), uint16(port)), nil
+}
+
+// listenTCP listens on a: an IPv4 address with IPv4 alone, since Go would
+// make 0.0.0.0 serve IPv6 as well; an IPv6 one as the system does (on
+// Linux, :: serves IPv4 too).
+func listenTCP(a netip.AddrPort) (net.Listener, error) {
+	network := "tcp"
+	if a.Addr().Is4() {
+		network = "tcp4"
+	}
+	return net.Listen(network, a.String())
 }
 
 // versionLine is the module's version and the VCS revision and time it
@@ -148,11 +234,7 @@ func versionLine() string {
 		vcs[s.Key] = s.Value
 	}
 	if rev := vcs["vcs.revision"]; rev != "" {
-		line += " " + rev
-		if vcs["vcs.modified"] == "true" {
-			line += "+modified"
-		}
-		line += " " + vcs["vcs.time"]
+		line += " " + rev + map[string]string{"true": "+modified"}[vcs["vcs.modified"]] + " " + vcs["vcs.time"]
 	}
 	return line + " " + bi.GoVersion
 }
@@ -172,16 +254,35 @@ func loadTLS(certFile, keyFile string) (*tls.Config, error) {
 	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
 }
 
+// The debug listener's own bounds: it must never take what the chat needs.
+const (
+	maxDebugConns    = 8
+	debugIdleTimeout = 30 * time.Second
+)
+
 // serveDebug serves what an operator looks at on addr, until ctx is done:
 // expvar's /debug/vars, the server's counters under "chat", and
 // net/http/pprof's /debug/pprof/.
-func serveDebug(ctx context.Context, addr netip.AddrPort, srv *Server, log *slog.Logger) error {
+func serveDebug(ctx context.Context, addr netip.AddrPort, srv *Server) error {
 	ln, err := listenTCP(addr)
 	if err != nil {
 		return err
 	}
-	warnIfExposed(log, ln.Addr())
+	if !addr.Addr().IsLoopback() {
+		srv.event(slog.LevelWarn, "the debug listener is not on a loopback address: whoever reaches it can read the counters and take profiles", "addr", ln.Addr().String())
+	}
 	expvar.Publish("chat", expvar.Func(func() any { return srv.Stats() }))
+	hs := debugServer(srv)
+	go hs.Serve(ln)
+	context.AfterFunc(ctx, func() { hs.Close() })
+	srv.event(slog.LevelInfo, "debug listening", "addr", ln.Addr().String())
+	return nil
+}
+
+// debugServer is the debug listener's HTTP server. It holds at most
+// maxDebugConns connections, each for a bounded time, and its errors go to
+// the server's log: it never takes what the chat needs.
+func debugServer(srv *Server) *http.Server {
 	mux := http.NewServeMux()
 	mux.Handle("/debug/vars", expvar.Handler())
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
@@ -189,177 +290,24 @@ func serveDebug(ctx context.Context, addr netip.AddrPort, srv *Server, log *slog
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	go hs.Serve(ln)
-	context.AfterFunc(ctx, func() { hs.Close() })
-	log.Info("debug listening", "addr", ln.Addr().String())
-	return nil
-}
-
-// warnIfExposed warns when the debug listener's address a is not a
-// loopback one: whoever reaches it can read the counters and take profiles.
-func warnIfExposed(log *slog.Logger, a net.Addr) {
-	if ta, ok := a.(*net.TCPAddr); ok && !ta.IP.IsLoopback() {
-		log.Warn("the debug listener is not on a loopback address: whoever reaches it can read the counters and take profiles", "addr", a.String())
-	}
-}
-
-// listenTCP listens on a: an IPv4 address with IPv4 alone, since Go would
-// make 0.0.0.0 serve IPv6 as well; an IPv6 one as the system does (on
-// Linux, :: serves IPv4 too).
-func listenTCP(a netip.AddrPort) (net.Listener, error) {
-	return net.Listen(tcpNetwork(a.Addr()), a.String())
-}
-
-func tcpNetwork(a netip.Addr) string {
-	if a.Is4() {
-		return "tcp4"
-	}
-	return "tcp"
-}
-
-// hostFlag is an IP address, with or without brackets, or a host name.
-type hostFlag string
-
-func (f *hostFlag) String() string { return string(*f) }
-
-func (f *hostFlag) Set(s string) error {
-	h := strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
-	if _, err := netip.ParseAddr(h); err != nil && !isHostName(h) {
-		return errors.New("want an IP address or a host name, such as 127.0.0.1, ::1 or localhost")
-	}
-	*f = hostFlag(h)
-	return nil
-}
-
-// resolve returns the address to listen on: the flag's, or its host name's
-// first address.
-func (f hostFlag) resolve(name string) (netip.Addr, error) {
-	if a, err := netip.ParseAddr(string(f)); err == nil {
-		return a, nil
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", string(f))
-	var dns *net.DNSError
-	switch {
-	case errors.As(err, &dns) && dns.IsNotFound:
-		err = errors.New("no such host")
-	case errors.As(err, &dns):
-		err = errors.New(dns.Err)
-	case err == nil && len(addrs) == 0:
-		err = errors.New("no address")
-	}
-	if err != nil {
-		return netip.Addr{}, fmt.Errorf("invalid value %q for flag %s: %w", string(f), name, err)
-	}
-	return addrs[0].Unmap(), nil
-}
-
-// hostPortFlag is host:port, the host as hostFlag takes it, or empty
-// (":6060") for every interface.
-type hostPortFlag struct {
-	host hostFlag
-	port rangeFlag
-	set  bool
-}
-
-func (f *hostPortFlag) String() string {
-	if !f.set {
-		return ""
-	}
-	return net.JoinHostPort(string(f.host), f.port.String())
-}
-
-func (f *hostPortFlag) Set(s string) error {
-	h, p, err := net.SplitHostPort(s)
-	if h == "" {
-		h = "::"
-	}
-	if err != nil || f.port.Set(p) != nil || f.host.Set(h) != nil {
-		return fmt.Errorf("want host:port, such as 127.0.0.1:6060 (a port from 0 to %d)", f.port.max)
-	}
-	f.set = true
-	return nil
-}
-
-// isHostName reports whether s is a host name as RFC 1123 writes one:
-// dot-separated labels of letters, digits and inner hyphens.
-func isHostName(s string) bool {
-	s = strings.TrimSuffix(s, ".")
-	if s == "" || len(s) > 253 {
-		return false
-	}
-	for _, label := range strings.Split(s, ".") {
-		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
-			return false
-		}
-		for _, c := range []byte(label) {
-			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
-				return false
+	errorLog := log.New(logWriter(func(msg string) { srv.event(slog.LevelWarn, "debug listener", "err", msg) }), "", 0)
+	var open atomic.Int32
+	return &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: debugIdleTimeout, ErrorLog: errorLog,
+		ConnState: func(c net.Conn, state http.ConnState) {
+			switch state {
+			case http.StateNew:
+				if open.Add(1) > maxDebugConns {
+					c.Close() // past the bound: closed at once
+				}
+			case http.StateClosed, http.StateHijacked:
+				open.Add(-1)
 			}
-		}
-	}
-	return true
+		}}
 }
 
-// choiceFlag is one of a few words.
-type choiceFlag struct {
-	v  string
-	of []string
-}
+type logWriter func(string)
 
-func (f *choiceFlag) String() string { return f.v }
-
-func (f *choiceFlag) Set(s string) error {
-	for _, c := range f.of {
-		if s == c {
-			f.v = s
-			return nil
-		}
-	}
-	return fmt.Errorf("want one of %s", strings.Join(f.of, ", "))
-}
-
-// rangeFlag is a whole number from 0 to max.
-type rangeFlag struct{ v, max int }
-
-func (f *rangeFlag) String() string { return strconv.Itoa(f.v) }
-
-func (f *rangeFlag) Set(s string) error {
-	v, err := strconv.Atoi(s)
-	if err != nil || v < 0 || v > f.max {
-		return fmt.Errorf("want a whole number from 0 to %d", f.max)
-	}
-	f.v = v
-	return nil
-}
-
-// rateFlag is a number of units per second, 0 or more.
-type rateFlag float64
-
-func (f *rateFlag) String() string { return strconv.FormatFloat(float64(*f), 'g', -1, 64) }
-
-func (f *rateFlag) Set(s string) error {
-	v, err := strconv.ParseFloat(s, 64)
-	if err != nil || v < 0 || math.IsInf(v, 0) || math.IsNaN(v) {
-		return errors.New("want a number of units a second, 0 or more, such as 5 or 0.5")
-	}
-	*f = rateFlag(v)
-	return nil
-}
-
-// durationFlag is a duration of 0 or more. time.ParseDuration's own error
-// does not say that the unit is required.
-type durationFlag time.Duration
-
-func (f *durationFlag) String() string { return time.Duration(*f).String() }
-
-func (f *durationFlag) Set(s string) error {
-	d, err := time.ParseDuration(s)
-	if err != nil || d < 0 {
-		return errors.New("want a duration of 0 or more with its unit, such as 10s or 5m")
-	}
-	*f = durationFlag(d)
-	return nil
+func (w logWriter) Write(p []byte) (int, error) {
+	w(strings.TrimSuffix(string(p), "\n"))
+	return len(p), nil
 }
