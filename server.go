@@ -69,7 +69,11 @@ const (
 	// sendBufferBytes is asked of the kernel for each connection's send
 	// buffer (Linux doubles it), so that stuck readers cannot make the
 	// kernel hold megabytes each on top of the server's own queue.
-	sendBufferBytes = 32 << 10
+	sendBufferBytes = 256 << 10
+	// maxLead is how far the room's log may run ahead of most members,
+	// maxLeadWait how long ListenMessager waits for them to catch up.
+	maxLead     = 256 << 10
+	maxLeadWait = 100 * time.Millisecond
 	// messageQueue is the capacity of s.Message. A sender that finds it
 	// full waits; ListenMessager never blocks, so the wait is short.
 	messageQueue = 1024
@@ -117,8 +121,9 @@ type Server struct {
 	addrs     map[netip.Prefix]*addrUsage // by address, while it has users or its bucket is not full
 	sweepAt   int                         // len(addrs) at which to forget the idle ones
 
-	Message chan message  // drained by ListenMessager alone
-	hubDone chan struct{} // closed when ListenMessager returns
+	Message  chan message  // drained by ListenMessager alone
+	hubDone  chan struct{} // closed when ListenMessager returns
+	caughtUp chan struct{} // a member came within maxLead: capacity 1
 
 	conns       atomic.Int64 // users counted against maxConns
 	queued      atomic.Int64 // bytes waiting for users, each line once
@@ -128,9 +133,11 @@ type Server struct {
 	logs        eventLog
 	wg          sync.WaitGroup // Handlers, rejected connections, handshakes
 
-	// ListenMessager's own.
-	members  []*User // who gets broadcasts
-	stopping bool    // the stop was handed out: leavers are not announced
+	// ListenMessager's own, but head, which writers read.
+	members  []*User      // who gets broadcasts
+	tail     *logChunk    // the room's log: where the next broadcast goes
+	head     atomic.Int64 // the room's log: its end
+	stopping bool         // the stop was handed out: leavers are not announced
 }
 
 // NewServer returns a server that logs to log and keeps the limits of cfg.
@@ -142,6 +149,8 @@ func NewServer(log *slog.Logger, cfg Config) *Server {
 		addrs:     make(map[netip.Prefix]*addrUsage),
 		Message:   make(chan message, messageQueue),
 		hubDone:   make(chan struct{}),
+		caughtUp:  make(chan struct{}, 1),
+		tail:      &logChunk{b: make([]byte, logChunkBytes)},
 	}
 	if cfg.Rate > 0 {
 		s.unitEvery = time.Duration(float64(time.Second) / cfg.Rate)
@@ -330,8 +339,12 @@ func (s *Server) sendTo(from, to *User, l *line) {
 // send hands m to ListenMessager, unless it has stopped.
 func (s *Server) send(m message) {
 	select {
-	case s.Message <- m:
-	case <-s.hubDone:
+	case s.Message <- m: // most sends: a select of one case is cheaper
+	default:
+		select {
+		case s.Message <- m:
+		case <-s.hubDone:
+		}
 	}
 }
 
@@ -388,6 +401,7 @@ func (s *Server) handOut(m message) bool {
 	case !u.inRoom: // its line goes nowhere
 	case m.kind == msgAll:
 		s.fanOut(m.line)
+	case m.to != u && m.to.incoming.Add(-int64(len(m.line.b))) < 0: // never: it counts what is on its way
 	case !m.to.inRoom:
 	case m.to != u && m.to.waiting() > tightQueuedBytes:
 		s.push(u, &line{b: replyBehind}, s.bound()) // R12: no crowd can drop a reader by whispering
@@ -400,6 +414,8 @@ func (s *Server) handOut(m message) bool {
 // join brings u into the room, unless the server stops or u's address is
 // a name online already (README's "Users": it gets R11).
 func (s *Server) join(u *User, online *line) {
+	u.lc = s.tail // u's part of the room's log begins here
+	u.at.Store(s.head.Load())
 	s.mu.Lock()
 	key := nameKey(u.Name)
 	_, held := s.OnlineMap[key]
@@ -433,6 +449,7 @@ func (s *Server) part(u *User) {
 	s.releaseLocked(u.key)
 	name := u.Name
 	s.mu.Unlock()
+	u.seal(nil) // before its 已下线, which is not for u
 	if u.inRoom {
 		u.inRoom = false
 		s.members = slices.DeleteFunc(s.members, func(m *User) bool { return m == u })
@@ -440,31 +457,71 @@ func (s *Server) part(u *User) {
 			s.fanOut(&line{b: []byte("[" + u.Addr + "]" + name + ":已下线\n")})
 		}
 	}
-	u.seal(nil)
 }
 
+// fanOut appends l to the room's log, for every member: a member that is
+// now more than its bound behind has stopped reading, and is dropped.
 func (s *Server) fanOut(l *line) {
+	s.appendLog(l.b)
 	bound := s.bound()
 	for _, u := range s.members {
-		s.push(u, l, bound)
+		if w := u.waiting(); w > bound {
+			s.drop(u)
+		} else if w > 0 {
+			u.wake()
+		}
+	}
+	s.keepUp(s.members...)
+}
+
+// keepUp waits, without flood control (-rate 0), while one of users that
+// reads (it is not in a write that has waited maxLeadWait) is more than
+// maxLead behind, maxLeadWait at most. Nothing else then holds back a
+// sender that outruns its readers, which would fall behind and be dropped:
+// so the senders wait instead, slowed down by TCP, and R12 is rare. A user
+// that stopped reading holds nobody up. (Without it compare.sh's fanout,
+// slowreader and private dropped readers, or whispers, at full speed.)
+func (s *Server) keepUp(users ...*User) {
+	if s.unitEvery != 0 {
+		return
+	}
+	deadline := time.After(maxLeadWait)
+	for slices.ContainsFunc(users, func(u *User) bool {
+		began := u.writeBegan.Load()
+		return u.waiting() > maxLead && (began == 0 || time.Now().UnixNano()-began < int64(maxLeadWait))
+	}) {
+		select {
+		case <-s.caughtUp:
+		case <-deadline:
+			return
+		}
 	}
 }
 
-// push queues l for u without ever blocking. A user whose queue l would
-// take past its bound has stopped reading, and is dropped; a who reply is
-// taken whole if less than 1 MiB waited before it (README's "Events"),
-// while the total is under its bound.
+// push queues l for u alone without ever blocking. A user whose queue l
+// would take past its bound has stopped reading, and is dropped; a who
+// reply is taken whole if less than 1 MiB waited before it (README's
+// "Events"), while the total is under its bound.
 func (s *Server) push(u *User, l *line, bound int) {
 	u.mu.Lock()
-	defer u.mu.Unlock()
-	switch {
+	switch waiting := u.waiting(); {
 	case u.sealed:
-	case u.queuedBytes+len(l.b) > bound && !(l.whole && bound == maxQueuedBytes && u.queuedBytes < bound):
-		u.leave(reasonSlowReader, nil)
-		u.abortLocked()
+	case waiting+len(l.b) > bound && !(l.whole && bound == maxQueuedBytes && waiting < bound):
+		u.mu.Unlock()
+		s.drop(u)
+		return
 	default:
 		u.queueLocked(l)
 	}
+	u.mu.Unlock()
+	u.wake()
+}
+
+func (s *Server) drop(u *User) {
+	u.mu.Lock()
+	u.leave(reasonSlowReader, nil)
+	u.abortLocked()
+	u.mu.Unlock()
 }
 
 // bound is how many bytes may wait for one user now.
@@ -511,10 +568,11 @@ var errGone = errors.New("left the room")
 // lookup returns the online user whose name is name as names compare
 // (nameKey), or nil.
 func (s *Server) lookup(name []byte) *User {
-	key := nameKey(string(name))
+	var buf [128]byte
+	key := appendKey(buf[:0], string(name))
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.OnlineMap[key]
+	return s.OnlineMap[string(key)]
 }
 
 // who returns the who reply: one [addr]name:在线... line per online user,
@@ -830,7 +888,6 @@ func (l *eventLog) write(r slog.Record) {
 type stats struct {
 	accepted         atomic.Int64 // connections that became users
 	linesIn          atomic.Int64 // complete lines received
-	linesOut         atomic.Int64 // lines written to users (a who reply is one)
 	bytesOut         atomic.Int64 // bytes written to users
 	waited           atomic.Int64 // lines that waited for flood control
 	handshakesFailed atomic.Int64 // TLS connections closed before they became users
@@ -854,7 +911,6 @@ func (s *Server) Stats() map[string]any {
 		"users_online":          s.conns.Load(),
 		"connections_accepted":  s.stats.accepted.Load(),
 		"lines_received":        s.stats.linesIn.Load(),
-		"lines_sent":            s.stats.linesOut.Load(),
 		"bytes_sent":            s.stats.bytesOut.Load(),
 		"bytes_waiting":         s.queued.Load(),
 		"lines_waited":          s.stats.waited.Load(),

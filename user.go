@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -34,17 +35,25 @@ type User struct {
 	conn net.Conn
 	srv  *Server
 
-	// The queue: the course's channel C, bounded in bytes, which a channel
-	// of lines cannot be. Guarded by mu.
-	mu          sync.Mutex
-	queue       []*line   // waiting to be written: queue[0] from its sent'th byte
-	sent        int       //
-	queuedBytes int       // the bytes of queue not written yet
-	writing     bool      // a ListenMessage goroutine runs
-	sealed      bool      // nothing more is queued (the user left)
-	aborted     bool      // dropped: the queue is thrown away, conn ends at once
-	final       time.Time // once sealed, the deadline of the last writes
-	flushed     chan struct{}
+	// What waits for u: the room's log from u.at on (up to end, once u
+	// left), and u's own lines, each after the log up to its place. This is
+	// the course's channel C, bounded in bytes, which a channel of lines
+	// cannot be. Guarded by mu; the atomics are read by the hub too.
+	mu         sync.Mutex
+	lc         *logChunk     // the chunk of the log that holds u.at
+	at         atomic.Int64  // u's place in the log: it was sent all before
+	end        atomic.Int64  // the end of u's part of the log: MaxInt64 until u left
+	own        []ownLine     // replies, whispers, who: u's alone
+	sent       int           // the bytes of own[0] written
+	ownBytes   atomic.Int64  // the bytes of own not written yet
+	writing    atomic.Bool   // a ListenMessage goroutine runs
+	writeBegan atomic.Int64  // when the write in progress began (Unix ns), 0 between writes
+	incoming   atomic.Int64  // the bytes of whispers to u on their way to the hub
+	caughtUp   chan struct{} // closed once u caught up, if a whisper waits for it: see keepUp
+	sealed     bool          // nothing more is queued (the user left)
+	aborted    bool          // dropped: what waits is thrown away, conn ends at once
+	final      time.Time     // once sealed, the deadline of the last writes
+	flushed    chan struct{}
 
 	why    atomic.Uint32 // why u left (a reason); online until it does
 	err    error         // what failed, if that is why; set before done is closed
@@ -63,6 +72,7 @@ func newUser(s *Server, conn net.Conn, key netip.Prefix) *User {
 	u := &User{Name: addr, Addr: addr, key: key, conn: conn, srv: s,
 		flushed: make(chan struct{}), done: make(chan struct{}), joined: make(chan struct{})}
 	u.lastLineAt.Store(int64(time.Since(s.epoch)))
+	u.end.Store(math.MaxInt64)
 	return u
 }
 
@@ -110,7 +120,7 @@ func (u *User) lastLine() time.Time {
 
 // readBytes is the reader's buffer: a typed line fits in one read; a line
 // that does not is put together in a buffer of its own (cutter.part).
-const readBytes = 512
+const readBytes = 2048
 
 // read is u's reader. It cuts the input into lines and runs them
 // (DoMessage), one at a time, in order, until the connection ends. Once u
@@ -309,8 +319,37 @@ func (u *User) whisper(name, text []byte) {
 	case len(text) == 0:
 		u.reply(replyNoText)
 	default:
-		b := append(append(append([]byte(u.Name), "对您说:"...), text...), '\n')
+		if s.unitEvery == 0 {
+			to.keepUp(u)
+		}
+		b := make([]byte, 0, len(u.Name)+len("对您说:")+len(text)+1)
+		b = append(append(append(append(b, u.Name...), "对您说:"...), text...), '\n')
+		to.incoming.Add(int64(len(b)))
 		s.sendTo(u, to, &line{b: b})
+	}
+}
+
+// keepUp is Server.keepUp for whispers: without flood control, a whisper to
+// u, which is more than half of tightQueuedBytes behind with the whispers
+// on their way to it, waits for u to catch up (maxLeadWait at most), and so
+// does its sender, from.
+func (u *User) keepUp(from *User) {
+	u.mu.Lock()
+	if u.waiting()+int(u.incoming.Load()) <= tightQueuedBytes/2 || u.aborted {
+		u.mu.Unlock()
+		return
+	}
+	if u.caughtUp == nil {
+		u.caughtUp = make(chan struct{})
+	}
+	ch := u.caughtUp
+	u.mu.Unlock()
+	t := time.NewTimer(maxLeadWait)
+	defer t.Stop()
+	select {
+	case <-ch:
+	case <-t.C:
+	case <-from.done:
 	}
 }
 
@@ -323,27 +362,64 @@ func (u *User) userLine(text []byte) *line {
 	return &line{b: append(append(b, text...), '\n')}
 }
 
-// The queue and the writer.
+// The room's log, the queue and the writer.
 
-// line is a line (or a who reply: many) on its way, shared by all the users
-// it goes to: a broadcast is made once, not once per user.
+// logChunk is a piece of the room's log: every broadcast line, in the one
+// order all users get them, written once for all of them. ListenMessager
+// appends; each user's writer reads on from its own place, so a chunk
+// lives while some user has not read it (and a user more than its bound
+// behind is dropped).
+type logChunk struct {
+	b     []byte                   // logChunkBytes long: b[:n] is written
+	n     atomic.Int64             //
+	start int64                    // the place of b[0] in the log
+	next  atomic.Pointer[logChunk] // set once b is full
+}
+
+const logChunkBytes = 64 << 10
+
+// appendLog appends a line to the room's log; ListenMessager's.
+func (s *Server) appendLog(b []byte) {
+	for rest := b; len(rest) > 0; {
+		c := s.tail
+		if int(c.n.Load()) == len(c.b) {
+			s.tail = &logChunk{b: make([]byte, logChunkBytes), start: c.start + int64(len(c.b))}
+			c.next.Store(s.tail)
+			continue
+		}
+		k := copy(c.b[c.n.Load():], rest)
+		c.n.Add(int64(k))
+		rest = rest[k:]
+	}
+	s.head.Add(int64(len(b))) // now the writers may read it
+}
+
+// line is one of a user's own lines (or a who reply: many), maybe shared
+// by several users (a who reply, a reply such as R4).
 type line struct {
 	b     []byte
 	whole bool         // a who reply: see Server.push
 	refs  atomic.Int32 // the queues it is in: while there is one, srv.queued counts it
 }
 
-// queueLocked adds l to u's queue, and starts the writer if it is not
-// running; u.mu is held.
+// ownLine is a line for one user, which comes after the room's log up to at.
+type ownLine struct {
+	at int64
+	l  *line
+}
+
+// waiting is how many bytes wait for u.
+func (u *User) waiting() int {
+	return int(min(u.srv.head.Load(), u.end.Load()) - u.at.Load() + u.ownBytes.Load())
+}
+
+// queueLocked adds l to u's own lines, after the log as it is now; u.mu is
+// held.
 func (u *User) queueLocked(l *line) {
-	u.queue = append(u.queue, l)
-	u.queuedBytes += len(l.b)
+	u.own = append(u.own, ownLine{u.srv.head.Load(), l})
+	u.ownBytes.Add(int64(len(l.b)))
 	if l.refs.Add(1) == 1 {
 		u.srv.queued.Add(int64(len(l.b)))
-	}
-	if !u.writing {
-		u.writing = true
-		go u.ListenMessage()
 	}
 }
 
@@ -354,46 +430,40 @@ func (u *User) release(l *line) {
 	}
 }
 
-func (u *User) waiting() int {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.queuedBytes
+// wake starts u's writer, unless it runs.
+func (u *User) wake() {
+	if !u.writing.Load() && u.writing.CompareAndSwap(false, true) {
+		go u.ListenMessage()
+	}
 }
 
 // writePiece bounds one write. The kernel takes a blocked write's bytes
 // when a third of the send buffer (2×sendBufferBytes) is free, so a piece
 // this size goes in whole then: a write that times out means the client
 // took nothing since it began (README's "Events": the stall). A connection
-// that has no writev (TLS, net.Pipe) writes each line with a write of its
-// own anyway, and so gets a deadline for each.
+// that has no writev (TLS, net.Pipe) writes a line at a time, and so has a
+// deadline for each.
 const writePiece = 16 << 10
 
-// ListenMessage is u's writer. It writes what waits in u's queue, a piece
-// at a time, each with a deadline stallTimeout away (or the last flush's,
-// once u left), until the queue is empty; then it returns. It is the only
-// code that writes to u's connection.
+// ListenMessage is u's writer. It writes what waits for u, a piece at a
+// time, each with a deadline stallTimeout away (or the last flush's, once
+// u left), until nothing waits; then it returns, and wake starts it again.
+// It is the only code that writes to u's connection.
 func (u *User) ListenMessage() {
 	_, writev := u.conn.(*net.TCPConn)
 	var bufs net.Buffers
 	for {
 		u.mu.Lock()
-		bufs, size := bufs[:0], 0
-		for i, l := range u.queue {
-			b := l.b
-			if i == 0 {
-				b = b[u.sent:]
-			}
-			b = b[:min(len(b), writePiece-size)]
-			bufs, size = append(bufs, b), size+len(b)
-			if size == writePiece || !writev {
-				break
-			}
-		}
-		if size == 0 {
-			u.writing = false
+		bufs, own := u.pieceLocked(bufs[:0], writev)
+		if len(bufs) == 0 {
+			u.writing.Store(false)
 			u.flushedLocked()
 			u.mu.Unlock()
-			return
+			// A line may have come since: then a writer goes on with it.
+			if u.waiting() == 0 || !u.writing.CompareAndSwap(false, true) {
+				return
+			}
+			continue
 		}
 		deadline := time.Now().Add(stallTimeout)
 		if u.sealed && u.final.Before(deadline) {
@@ -401,30 +471,88 @@ func (u *User) ListenMessage() {
 		}
 		u.conn.SetWriteDeadline(deadline) // under mu: seal and abort move it too
 		u.mu.Unlock()
+		u.writeBegan.Store(time.Now().UnixNano())
 		n, err := bufs.WriteTo(u.conn)
-		u.wrote(int(n), err)
+		u.writeBegan.Store(0)
+		u.wrote(int(n), own, err)
 	}
 }
 
-// wrote takes the n bytes written off the queue, and ends u if the write
-// failed.
-func (u *User) wrote(n int, err error) {
+// pieceLocked returns the next piece to write: the room's log from u.at
+// up to the place of u's next own line, or, once that place is reached,
+// own lines. It reports whether they are own lines; u.mu is held.
+func (u *User) pieceLocked(bufs net.Buffers, writev bool) (net.Buffers, bool) {
+	at, size := u.at.Load(), 0
+	if len(u.own) > 0 && u.own[0].at <= at {
+		for i, o := range u.own {
+			b := o.l.b[:min(len(o.l.b), writePiece-size)]
+			if i == 0 {
+				b = o.l.b[u.sent:min(len(o.l.b), u.sent+writePiece)]
+			}
+			if o.at > at || size == writePiece || i > 0 && !writev {
+				break
+			}
+			bufs, size = append(bufs, b), size+len(b)
+		}
+		return bufs, true
+	}
+	end := min(u.srv.head.Load(), u.end.Load())
+	if len(u.own) > 0 {
+		end = min(end, u.own[0].at)
+	}
+	for c := u.lc; at < end && size < writePiece; {
+		off := int(at - c.start)
+		if off == len(c.b) {
+			c = c.next.Load()
+			continue
+		}
+		b := c.b[off : off+int(min(int64(len(c.b)-off), end-at, int64(writePiece-size)))]
+		if i := bytes.IndexByte(b, '\n'); !writev && i >= 0 {
+			b = b[:i+1]
+		}
+		bufs, at, size = append(bufs, b), at+int64(len(b)), size+len(b)
+		if !writev {
+			break
+		}
+	}
+	return bufs, false
+}
+
+// wrote takes the n bytes written off what waits for u, and ends u if the
+// write failed.
+func (u *User) wrote(n int, own bool, err error) {
 	s := u.srv
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if !u.aborted {
-		u.queuedBytes -= n
+	switch {
+	case u.aborted:
+	case own:
 		k := 0
-		for u.sent += n; k < len(u.queue) && u.sent >= len(u.queue[k].b); k++ {
-			u.sent -= len(u.queue[k].b)
-			u.release(u.queue[k])
+		for u.sent += n; k < len(u.own) && u.sent >= len(u.own[k].l.b); k++ {
+			u.sent -= len(u.own[k].l.b)
+			u.release(u.own[k].l)
 		}
-		clear(u.queue[:k])
-		if u.queue = u.queue[k:]; len(u.queue) == 0 {
-			u.queue = nil // a burst's array does not stay with an idle user
+		clear(u.own[:k])
+		if u.own = u.own[k:]; len(u.own) == 0 {
+			u.own = nil // a burst's array does not stay with an idle user
 		}
-		s.stats.bytesOut.Add(int64(n))
-		s.stats.linesOut.Add(int64(k))
+		u.ownBytes.Add(-int64(n))
+	default:
+		at := u.at.Add(int64(n))
+		for next := u.lc.next.Load(); next != nil && at >= next.start; next = u.lc.next.Load() {
+			u.lc = next
+		}
+	}
+	s.stats.bytesOut.Add(int64(n))
+	if w := u.waiting(); w <= maxLead && w+n > maxLead {
+		select { // the hub may wait for u to catch up: see Server.keepUp
+		case s.caughtUp <- struct{}{}:
+		default:
+		}
+	}
+	if u.caughtUp != nil && u.waiting()+int(u.incoming.Load()) <= tightQueuedBytes/2 {
+		close(u.caughtUp) // whispers to u wait for it: see User.keepUp
+		u.caughtUp = nil
 	}
 	if err != nil {
 		r := reasonWriteFailed
@@ -436,47 +564,54 @@ func (u *User) wrote(n int, err error) {
 	}
 }
 
-// seal ends u's queue after final (if not nil): the writer writes what
-// waits, then final, and nothing more is queued. From now on the writes
-// have flushTimeout, so that a client that stopped reading holds nothing
-// up for longer.
+// seal ends what waits for u: the log up to now, and its own lines, then
+// final (if not nil); nothing more is queued. From now on the writes have
+// flushTimeout, so that a client that stopped reading holds nothing up for
+// longer.
 func (u *User) seal(final []byte) {
 	u.mu.Lock()
-	defer u.mu.Unlock()
-	if u.sealed {
-		return
+	if !u.sealed {
+		u.end.Store(u.srv.head.Load())
+		if final != nil {
+			u.queueLocked(&line{b: final})
+		}
+		u.sealed = true
+		u.final = time.Now().Add(flushTimeout)
+		u.conn.SetWriteDeadline(u.final)
+		u.flushedLocked()
 	}
-	if final != nil {
-		u.queueLocked(&line{b: final})
-	}
-	u.sealed = true
-	u.final = time.Now().Add(flushTimeout)
-	u.conn.SetWriteDeadline(u.final)
-	u.flushedLocked()
+	u.mu.Unlock()
+	u.wake()
 }
 
-// abortLocked drops u's queue, whose bytes leave srv.queued at once, and
-// ends its connection's reads and writes at once; u.mu is held.
+// abortLocked drops what waits for u, whose bytes leave srv.queued at once,
+// and ends its connection's reads and writes at once; u.mu is held.
 func (u *User) abortLocked() {
 	if u.aborted {
 		return
 	}
 	u.aborted, u.sealed = true, true
-	for _, l := range u.queue {
-		u.release(l)
+	for _, o := range u.own {
+		u.release(o.l)
 	}
-	u.queue, u.sent, u.queuedBytes = nil, 0, 0
+	u.own, u.sent = nil, 0
+	u.ownBytes.Store(0)
+	u.end.Store(u.at.Load())
+	if u.caughtUp != nil {
+		close(u.caughtUp)
+		u.caughtUp = nil
+	}
 	u.conn.SetDeadline(aLongTimeAgo)
 	u.flushedLocked()
 }
 
-// flushedLocked closes u.flushed once the sealed queue is written (or
-// dropped); u.mu is held.
+// flushedLocked closes u.flushed once u left and all that waited for it is
+// written (or dropped); u.mu is held.
 func (u *User) flushedLocked() {
 	select {
 	case <-u.flushed:
 	default:
-		if u.sealed && len(u.queue) == 0 && !u.writing {
+		if u.sealed && len(u.own) == 0 && u.at.Load() >= u.end.Load() && !u.writing.Load() {
 			close(u.flushed)
 		}
 	}
@@ -547,6 +682,9 @@ const (
 // DONT. It returns the text, how many bytes it took out, and whether the
 // client sent IAC IP, after which the rest is not read.
 func (u *User) telnet(dst, data []byte) (text []byte, took int, interrupted bool) {
+	if u.telnetIn == 0 && bytes.IndexByte(data, iac) < 0 {
+		return data, 0, false // no telnet in it: most reads
+	}
 	for i, c := range data {
 		switch u.telnetIn {
 		case 0:
@@ -599,12 +737,19 @@ func (u *User) telnet(dst, data []byte) (text []byte, took int, interrupted bool
 // names removed, so that no user can drive another's terminal or turn
 // another's text around. A line that needs none of it is returned as it is.
 func clean(line []byte) []byte {
+	i := 0
+	for i < len(line) && (line[i] >= 0x20 && line[i] < 0x7f || line[i] == '\t') {
+		i++
+	}
+	if i == len(line) {
+		return line // printable ASCII: most lines
+	}
 	var out []byte // nil until something changes
 	invalid := false
-	for i := 0; i < len(line); {
+	for i < len(line) {
 		r, size := utf8.DecodeRune(line[i:])
 		bad := r == utf8.RuneError && size == 1
-		drop := !bad && (unicode.IsControl(r) && r != '\t' || strings.ContainsRune(invisible, r))
+		drop := !bad && removed(r)
 		if out == nil && (bad || drop) {
 			out = append(make([]byte, 0, len(line)), line[:i]...)
 		}
@@ -624,10 +769,20 @@ func clean(line []byte) []byte {
 	return out
 }
 
-// invisible are the characters that clean removes besides the controls:
-// the bidi embeddings, overrides and isolates, the direction marks, and the
-// line and paragraph separators.
-const invisible = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c\u2028\u2029"
+// removed reports whether clean removes r: a control character but TAB
+// (C0, DEL, C1), a bidi embedding, override or isolate, a direction mark,
+// or the line or paragraph separator.
+func removed(r rune) bool {
+	switch {
+	case r < 0x20:
+		return r != '\t'
+	case r < 0x7f:
+		return false
+	case r <= 0x9f, r >= 0x202a && r <= 0x202e, r >= 0x2066 && r <= 0x2069:
+		return true
+	}
+	return r == 0x200e || r == 0x200f || r == 0x061c || r == 0x2028 || r == 0x2029
+}
 
 // Commands.
 
@@ -736,9 +891,14 @@ func oneScript(scripts []string) bool {
 // user: full-width ASCII becomes ASCII, each rune the least of its case
 // folding (unicode.SimpleFold), and a letter that looks like a Latin letter
 // or digit that letter (lookAlike).
-func nameKey(name string) string {
-	key := make([]rune, 0, len(name))
+func nameKey(name string) string { return string(appendKey(nil, name)) }
+
+func appendKey(key []byte, name string) []byte {
 	for _, r := range name {
+		if r < 0x80 { // ASCII: fold is ToUpper, and nothing looks alike
+			key = append(key, byte(unicode.ToUpper(r)))
+			continue
+		}
 		if r >= 0xff01 && r <= 0xff5e {
 			r -= 0xff01 - 0x21
 		}
@@ -746,9 +906,9 @@ func nameKey(name string) string {
 		if a, ok := lookAlike[r]; ok {
 			r = a
 		}
-		key = append(key, r)
+		key = utf8.AppendRune(key, r)
 	}
-	return string(key)
+	return key
 }
 
 func fold(r rune) rune {
