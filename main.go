@@ -271,7 +271,7 @@ func serveDebug(ctx context.Context, addr netip.AddrPort, srv *Server) error {
 	if !addr.Addr().IsLoopback() {
 		srv.event(slog.LevelWarn, "the debug listener is not on a loopback address: whoever reaches it can read the counters and take profiles", "addr", ln.Addr().String())
 	}
-	expvar.Publish("chat", expvar.Func(func() any { return srv.Stats() }))
+	expvar.Publish("chat", &srv.vars)
 	hs := debugServer(srv)
 	go hs.Serve(ln)
 	context.AfterFunc(ctx, func() { hs.Close() })

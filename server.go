@@ -1,12 +1,11 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
+	"expvar"
 	"log/slog"
-	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -70,9 +69,9 @@ const (
 	// buffer (Linux doubles it), so that stuck readers cannot make the
 	// kernel hold megabytes each on top of the server's own queue.
 	sendBufferBytes = 256 << 10
-	// maxLead is how far the room's log may run ahead of most members,
-	// maxLeadWait how long ListenMessager waits for them to catch up.
-	maxLead     = 256 << 10
+	// Without flood control, senders wait while a user that reads is more
+	// than maxLead behind, maxLeadWait at most: see keepUp.
+	maxLead     = 32 << 10
 	maxLeadWait = 100 * time.Millisecond
 	// messageQueue is the capacity of s.Message. A sender that finds it
 	// full waits; ListenMessager never blocks, so the wait is short.
@@ -121,17 +120,21 @@ type Server struct {
 	addrs     map[netip.Prefix]*addrUsage // by address, while it has users or its bucket is not full
 	sweepAt   int                         // len(addrs) at which to forget the idle ones
 
-	Message  chan message  // drained by ListenMessager alone
-	hubDone  chan struct{} // closed when ListenMessager returns
-	caughtUp chan struct{} // a member came within maxLead: capacity 1
+	Message chan message  // drained by ListenMessager alone
+	hubDone chan struct{} // closed when ListenMessager returns
 
-	conns       atomic.Int64 // users counted against maxConns
-	queued      atomic.Int64 // bytes waiting for users, each line once
-	rejecting   atomic.Int32 // connections being turned away
-	handshaking atomic.Int32 // TLS handshakes in progress
-	stats       stats
-	logs        eventLog
-	wg          sync.WaitGroup // Handlers, rejected connections, handshakes
+	conns       atomic.Int64     // users counted against maxConns
+	queued      atomic.Int64     // bytes waiting for users, each line once
+	rejecting   atomic.Int32     // connections being turned away
+	handshaking atomic.Int32     // TLS handshakes in progress
+	logTo       slog.Handler     // stderr, usually
+	logs        chan slog.Record // see event, writeLog
+	logDropped  atomic.Int64     // lines logs could not take
+	logEnded    chan struct{}    // closed when writeLog returns
+	// What an operator sees (-debug-addr): counters, and the disconnects
+	// and rejections by reason.
+	vars, left, rejected expvar.Map
+	wg                   sync.WaitGroup // Handlers, rejected connections, handshakes
 
 	// ListenMessager's own, but head, which writers read.
 	members  []*User      // who gets broadcasts
@@ -144,19 +147,24 @@ type Server struct {
 func NewServer(log *slog.Logger, cfg Config) *Server {
 	s := &Server{
 		Config:    cfg,
+		logTo:     log.Handler(),
 		epoch:     time.Now(),
 		OnlineMap: make(map[string]*User),
 		addrs:     make(map[netip.Prefix]*addrUsage),
 		Message:   make(chan message, messageQueue),
 		hubDone:   make(chan struct{}),
-		caughtUp:  make(chan struct{}, 1),
+		logs:      make(chan slog.Record, logQueue),
+		logEnded:  make(chan struct{}),
 		tail:      &logChunk{b: make([]byte, logChunkBytes)},
 	}
 	if cfg.Rate > 0 {
 		s.unitEvery = time.Duration(float64(time.Second) / cfg.Rate)
 	}
-	s.logs.init(log.Handler())
-	s.stats.rejected = map[string]int64{}
+	s.vars.Set("users_online", expvar.Func(func() any { return s.conns.Load() }))
+	s.vars.Set("bytes_waiting", expvar.Func(func() any { return s.queued.Load() }))
+	s.vars.Set("log_lines_dropped", expvar.Func(func() any { return s.logDropped.Load() }))
+	s.vars.Set("disconnects", &s.left)
+	s.vars.Set("rejects", &s.rejected)
 	return s
 }
 
@@ -167,7 +175,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	stopListening := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stopListening()
 	logDone := make(chan struct{})
-	go s.logs.run(logDone)
+	go s.writeLog(logDone)
 	go s.ListenMessager()
 
 	s.event(slog.LevelInfo, "listening", "addr", ln.Addr().String())
@@ -186,7 +194,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	<-s.hubDone
 	close(logDone)
 	select { // what stderr cannot take by now is left behind
-	case <-s.logs.ended:
+	case <-s.logEnded:
 	case <-time.After(500 * time.Millisecond):
 	}
 	return err
@@ -205,14 +213,14 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 		case err == nil:
 		case ctx.Err() != nil:
 			return nil
-		case outOfDescriptors(err) && spare != nil:
+		case (errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE)) && spare != nil:
 			spare.Close()
 			if conn, err := ln.Accept(); err == nil {
 				s.turnAway(ctx, conn, replyFull, "no file descriptor left", true)
 			}
 			spare, _ = os.Open(os.DevNull)
 			continue
-		case errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.ENOMEM), outOfDescriptors(err):
+		case errors.Is(err, syscall.EMFILE), errors.Is(err, syscall.ENFILE), errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.ENOMEM):
 			// These pass as users leave: wait a little and try again.
 			s.reject("accept failed")
 			select {
@@ -237,42 +245,36 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 			continue
 		}
 		s.conns.Add(1)
-		if s.TLS == nil {
-			s.welcome(conn, key)
-			continue
+		s.vars.Add("connections_accepted", 1)
+		if s.TLS != nil {
+			conn = tls.Server(conn, s.TLS)
 		}
-		s.wg.Go(func() {
-			tc := tls.Server(conn, s.TLS)
-			if err := s.handshake(ctx, tc); err != nil || ctx.Err() != nil {
-				s.handshakeFailed(conn, key, cmp.Or(err, ctx.Err()))
-				return
-			}
-			s.welcome(tc, key)
-		})
+		u := newUser(s, conn, key)
+		s.event(slog.LevelInfo, "connect", "addr", u.Addr)
+		s.wg.Add(1)
+		go s.Handler(ctx, u)
 	}
 }
 
-// welcome makes the connection a user, and starts its Handler.
-func (s *Server) welcome(conn net.Conn, key netip.Prefix) {
-	s.stats.accepted.Add(1)
-	u := newUser(s, conn, key)
-	s.event(slog.LevelInfo, "connect", "addr", u.Addr)
-	s.wg.Add(1)
-	go s.Handler(u)
-}
-
-// Handler serves one user, as the course's Handler does: it brings the user
-// in (Online) and starts its reader, then runs the select loop that kicks
+// Handler serves one user, as the course's Handler does: it runs its TLS
+// handshake if there is TLS, brings it in (Online) and starts its reader, then runs the select loop that kicks
 // the user when no line came for s.Idle, until the user leaves. Then it
 // takes the user out (Offline), waits for its last lines to be written
 // (at most flushTimeout), lingers, and closes the connection. README's
 // "How it works" tells the whole life of a user.
-func (s *Server) Handler(u *User) {
+func (s *Server) Handler(ctx context.Context, u *User) {
 	defer s.wg.Done()
-	s.Online(u)
-	select {
-	case <-u.joined:
-	case <-u.done: // turned away by the hub (R11), or the server stops
+	if tc, ok := u.conn.(*tls.Conn); ok {
+		if err := s.handshake(ctx, tc); err != nil {
+			u.leave(reasonHandshake, err) // it never joins: nobody is told
+		}
+	}
+	if !u.gone() {
+		s.Online(u)
+		select {
+		case <-u.joined:
+		case <-u.done: // the hub turned it away (R11), or the server stops
+		}
 	}
 	u.reader.Go(u.read)
 	idle := time.NewTimer(s.Idle)
@@ -300,12 +302,10 @@ func (s *Server) Handler(u *User) {
 	u.linger()
 	u.reader.Wait()
 	netConn(u.conn).Close()
-	s.mu.Lock()
-	name := u.Name // the hub took u out: no rename can change it any more
-	s.mu.Unlock()
 	r := u.reason()
-	s.stats.left[r].Add(1)
-	attrs := []any{"addr", u.Addr, "name", name, "reason", r.String()}
+	s.left.Add(r.String(), 1)
+	// The hub took u out: no rename changes u.Name any more.
+	attrs := []any{"addr", u.Addr, "name", u.Name, "reason", r.String()}
 	if u.err != nil && r != reasonClosed {
 		attrs = append(attrs, "err", u.err.Error())
 	}
@@ -441,6 +441,10 @@ func (s *Server) join(u *User, online *line) {
 
 // part takes u out of the room for good and frees its slot.
 func (s *Server) part(u *User) {
+	if u.lc == nil { // it never joined: nothing of the room's log is for it
+		u.lc = s.tail
+		u.at.Store(s.head.Load())
+	}
 	s.mu.Lock()
 	if key := nameKey(u.Name); s.OnlineMap[key] == u {
 		delete(s.OnlineMap, key)
@@ -474,26 +478,28 @@ func (s *Server) fanOut(l *line) {
 	s.keepUp(s.members...)
 }
 
-// keepUp waits, without flood control (-rate 0), while one of users that
-// reads (it is not in a write that has waited maxLeadWait) is more than
-// maxLead behind, maxLeadWait at most. Nothing else then holds back a
-// sender that outruns its readers, which would fall behind and be dropped:
-// so the senders wait instead, slowed down by TCP, and R12 is rare. A user
-// that stopped reading holds nobody up. (Without it compare.sh's fanout,
-// slowreader and private dropped readers, or whispers, at full speed.)
+// keepUp waits, without flood control (-rate 0), until none of users is
+// behind (see User.behind), maxLeadWait at most. Nothing else then holds
+// back a sender that outruns its readers, which would fall behind and be
+// dropped, or see whispers refused (R12): so the senders wait instead,
+// slowed down by TCP. A user that stopped reading holds nobody up.
+// (Without it compare.sh's fanout, slowreader and private dropped readers,
+// or whispers, at full speed.)
 func (s *Server) keepUp(users ...*User) {
 	if s.unitEvery != 0 {
 		return
 	}
-	deadline := time.After(maxLeadWait)
-	for slices.ContainsFunc(users, func(u *User) bool {
-		began := u.writeBegan.Load()
-		return u.waiting() > maxLead && (began == 0 || time.Now().UnixNano()-began < int64(maxLeadWait))
-	}) {
-		select {
-		case <-s.caughtUp:
-		case <-deadline:
-			return
+	deadline, now := time.After(maxLeadWait), time.Now().UnixNano()
+	for _, u := range users {
+		if began := u.writeBegan.Load(); began != 0 && now-began >= int64(maxLeadWait) {
+			continue // a write of its has waited that long: it does not read
+		}
+		if ch := u.behind(); ch != nil {
+			select {
+			case <-ch:
+			case <-deadline:
+				return
+			}
 		}
 	}
 }
@@ -630,10 +636,6 @@ func (s *Server) checkDescriptors() {
 	}
 }
 
-func outOfDescriptors(err error) bool {
-	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE)
-}
-
 // turnAway tells a connection why it is turned away (R9, R11) and closes
 // it: over TLS after the handshake. It half-closes, and reads what the
 // client had sent, for at most lingerTimeout: closing with input unread
@@ -690,17 +692,6 @@ func (s *Server) handshake(ctx context.Context, tc *tls.Conn) error {
 	err := tc.Handshake()
 	tc.SetDeadline(time.Time{})
 	return err
-}
-
-// handshakeFailed frees the slot of a TLS connection that did not become a
-// user, before the close: whoever sees the close may take the slot at once.
-func (s *Server) handshakeFailed(conn net.Conn, key netip.Prefix, err error) {
-	s.mu.Lock()
-	s.releaseLocked(key)
-	s.mu.Unlock()
-	s.stats.handshakesFailed.Add(1)
-	s.event(slog.LevelInfo, "tls handshake failed", "addr", conn.RemoteAddr().String(), "err", err.Error())
-	conn.Close()
 }
 
 // releaseLocked frees the slot of a connection that leaves, in -max-conns
@@ -790,134 +781,77 @@ func (b *bucket) take(now time.Duration, cost int, every time.Duration, burst in
 	return true
 }
 
-// The log, and what an operator sees.
-
-// eventLog writes the log off every path a user waits on: a line goes to a
-// queue that one goroutine writes to stderr, so a stalled stderr holds up
-// nothing; what the queue cannot take is dropped and counted. It keeps
-// each kind of event to logBurst lines a second, and logs the count of the
-// rest once the second is over (README's "The log").
-type eventLog struct {
-	h       slog.Handler
-	lines   chan slog.Record
-	dropped atomic.Int64 // lines the queue could not take
-	ended   chan struct{}
-	counts  map[string]int // lines of each kind in this second; run's
-}
+// The log.
 
 const (
-	logQueue = 1024 // lines waiting for stderr
-	logBurst = 5    // lines of one kind of event a second
+	logQueue = 1024 // lines waiting for stderr; past it they are dropped, and counted
+	logBurst = 5    // lines of one kind of event a second; past it, a count a second
 )
 
-func (l *eventLog) init(h slog.Handler) {
-	l.h, l.lines, l.ended, l.counts = h, make(chan slog.Record, logQueue), make(chan struct{}), map[string]int{}
+// event logs msg with its attributes (key, value pairs). It never waits:
+// writeLog writes the line, and a stalled stderr holds up nothing.
+func (s *Server) event(level slog.Level, msg string, attrs ...any) {
+	select {
+	case s.logs <- record(level, msg, attrs...):
+	default:
+		s.logDropped.Add(1)
+	}
 }
 
-// event logs msg with its attributes (key, value pairs).
-func (s *Server) event(level slog.Level, msg string, attrs ...any) {
+func record(level slog.Level, msg string, attrs ...any) slog.Record {
 	r := slog.NewRecord(time.Now(), level, msg, 0)
 	r.Add(attrs...)
-	select {
-	case s.logs.lines <- r:
-	default:
-		s.logs.dropped.Add(1)
-	}
+	return r
 }
 
 // reject counts and logs a connection turned away.
 func (s *Server) reject(why string) {
-	s.stats.mu.Lock()
-	s.stats.rejected[why]++
-	s.stats.mu.Unlock()
+	s.rejected.Add(why, 1)
 	s.event(slog.LevelInfo, "reject", "reason", why)
 }
 
-// run writes the queue's lines until done is closed, then what is left.
-func (l *eventLog) run(done <-chan struct{}) {
-	defer close(l.ended)
+// writeLog writes the lines of s.logs to s.logTo until done is closed and
+// they are written. Of each kind of event it writes logBurst lines a second at
+// most, and the count of the rest once the second is over (README's "The
+// log"); before a line, the count of those dropped since the last.
+func (s *Server) writeLog(done <-chan struct{}) {
+	defer close(s.logEnded)
+	counts := map[string]int{} // lines of each kind in this second
 	var second <-chan time.Time
+	write := func(r slog.Record) {
+		if n := s.logDropped.Swap(0); n > 0 {
+			s.logTo.Handle(context.Background(), record(slog.LevelWarn, "log lines dropped", "count", n))
+		}
+		s.logTo.Handle(context.Background(), r)
+	}
+	endSecond := func() {
+		for msg, n := range counts {
+			if n > logBurst {
+				write(record(slog.LevelInfo, msg, "more", n-logBurst))
+			}
+		}
+		clear(counts)
+		second = nil
+	}
 	for {
+		var r slog.Record
 		select {
-		case r := <-l.lines:
-			if second == nil {
-				second = time.After(time.Second)
-			}
-			l.take(r)
+		case r = <-s.logs:
 		case <-second:
-			l.endSecond()
-			second = nil
+			endSecond()
+			continue
 		case <-done:
-			for len(l.lines) > 0 {
-				l.take(<-l.lines)
+			if len(s.logs) == 0 {
+				endSecond()
+				return
 			}
-			l.endSecond()
-			return
+			r = <-s.logs
 		}
-	}
-}
-
-func (l *eventLog) take(r slog.Record) {
-	if l.counts[r.Message]++; l.counts[r.Message] <= logBurst {
-		l.write(r)
-	}
-}
-
-// endSecond logs how many lines of each kind were not, and starts a second.
-func (l *eventLog) endSecond() {
-	for msg, n := range l.counts {
-		if n > logBurst {
-			r := slog.NewRecord(time.Now(), slog.LevelInfo, msg, 0)
-			r.Add("more", n-logBurst)
-			l.write(r)
+		if second == nil {
+			second = time.After(time.Second)
 		}
-	}
-	clear(l.counts)
-}
-
-func (l *eventLog) write(r slog.Record) {
-	if n := l.dropped.Swap(0); n > 0 {
-		d := slog.NewRecord(time.Now(), slog.LevelWarn, "log lines dropped", 0)
-		d.Add("count", n)
-		l.h.Handle(context.Background(), d)
-	}
-	l.h.Handle(context.Background(), r)
-}
-
-// stats counts what the server did, for its operator (Stats).
-type stats struct {
-	accepted         atomic.Int64 // connections that became users
-	linesIn          atomic.Int64 // complete lines received
-	bytesOut         atomic.Int64 // bytes written to users
-	waited           atomic.Int64 // lines that waited for flood control
-	handshakesFailed atomic.Int64 // TLS connections closed before they became users
-	left             [reasons]atomic.Int64
-	mu               sync.Mutex
-	rejected         map[string]int64
-}
-
-// Stats is what the server counts, for its operator (-debug-addr, expvar).
-func (s *Server) Stats() map[string]any {
-	left := map[string]int64{}
-	for r := range reasons {
-		if r != online {
-			left[r.String()] = s.stats.left[r].Load()
+		if counts[r.Message]++; counts[r.Message] <= logBurst {
+			write(r)
 		}
-	}
-	s.stats.mu.Lock()
-	rejected := maps.Clone(s.stats.rejected)
-	s.stats.mu.Unlock()
-	return map[string]any{
-		"users_online":          s.conns.Load(),
-		"connections_accepted":  s.stats.accepted.Load(),
-		"lines_received":        s.stats.linesIn.Load(),
-		"bytes_sent":            s.stats.bytesOut.Load(),
-		"bytes_waiting":         s.queued.Load(),
-		"lines_waited":          s.stats.waited.Load(),
-		"kicks":                 s.stats.left[reasonIdle].Load(),
-		"disconnects":           left,
-		"rejects":               rejected,
-		"tls_handshakes_failed": s.stats.handshakesFailed.Load(),
-		"log_lines_dropped":     s.logs.dropped.Load(),
 	}
 }

@@ -959,19 +959,23 @@ func TestStalledReaderDropped(t *testing.T) {
 	t.Parallel()
 	text := strings.Repeat("x", 4000)
 	tests := []struct {
-		name    string
-		act     func(a *client, b *client) // what a reads of b's burst of 40 lines, sent at 0
-		dropped time.Duration              // when a is dropped; 0: never
+		name string
+		// What a takes of b's burst of 40 lines, which begins to wait for
+		// a at start; it returns when a last took some, or when output
+		// began to wait if it took none since; zero if a is never dropped.
+		act func(a, b *client, start time.Time) time.Time
 	}{
-		{"takes nothing", func(*client, *client) {}, stallTimeout},
-		{"takes a line at once, then nothing", func(a, b *client) {
+		{"takes nothing", func(_, _ *client, start time.Time) time.Time { return start }},
+		{"takes a line at once, then nothing", func(a, b *client, _ time.Time) time.Time {
 			a.expect(b.says(text))
-		}, stallTimeout},
-		{"takes a line a minute in, then nothing", func(a, b *client) {
+			return time.Now()
+		}},
+		{"takes a line a minute in, then nothing", func(a, b *client, _ time.Time) time.Time {
 			time.Sleep(time.Minute)
 			a.expect(b.says(text))
-		}, time.Minute + stallTimeout},
-		{"takes it all a minute in, then more waits from 90 s", func(a, b *client) {
+			return time.Now()
+		}},
+		{"takes it all a minute in, then more waits from 90 s", func(a, b *client, _ time.Time) time.Time {
 			time.Sleep(time.Minute)
 			for range 40 {
 				a.expect(b.says(text))
@@ -979,14 +983,16 @@ func TestStalledReaderDropped(t *testing.T) {
 			time.Sleep(30 * time.Second)
 			b.send("more")
 			b.expect(b.says("more"))
-		}, 90*time.Second + stallTimeout},
-		{"takes a line every 30 s", func(a, b *client) {
+			return time.Now()
+		}},
+		{"takes a line every 30 s", func(a, b *client, _ time.Time) time.Time {
 			for range 40 {
 				time.Sleep(30 * time.Second)
 				a.expect(b.says(text))
 			}
 			a.sync()
-		}, 0},
+			return time.Time{}
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1000,16 +1006,16 @@ func TestStalledReaderDropped(t *testing.T) {
 					b.send(text)
 					b.expect(b.says(text))
 				}
-				tt.act(a, b)
-				if tt.dropped == 0 {
+				last := tt.act(a, b, start)
+				if last.IsZero() {
 					b.expectWho(a, b)
 					return
 				}
-				time.Sleep(tt.dropped - time.Second - time.Since(start))
+				time.Sleep(time.Until(last.Add(stallTimeout - time.Second)))
 				b.expectWho(a, b) // not before
 				b.expect(a.offline())
-				if got := time.Since(start); got != tt.dropped {
-					t.Errorf("dropped after %v, want %v", got, tt.dropped)
+				if got := time.Since(last); got != stallTimeout {
+					t.Errorf("dropped %v after a last took some, want %v", got, stallTimeout)
 				}
 				ts.expectLogged("disconnect", "reason=stalled")
 			})
@@ -1544,8 +1550,8 @@ func TestRejectsAreCheap(t *testing.T) {
 		if !strings.Contains(logs, "msg=reject more=95") {
 			t.Errorf("no count of the 95 others:\n%s", logs)
 		}
-		if got := ts.srv.Stats()["rejects"].(map[string]int64)["server full"]; got != 100 {
-			t.Errorf("rejects counted %d, want 100", got)
+		if got := ts.srv.rejected.Get("server full").String(); got != "100" {
+			t.Errorf("rejects counted %s, want 100", got)
 		}
 	})
 }
@@ -1918,8 +1924,8 @@ func TestTLSPlainClient(t *testing.T) {
 			}
 		}
 		ts.joinTLS(clientTLS) // the one slot was freed both times
-		ts.expectLogged(`"tls handshake failed"`)
-		if got := ts.srv.Stats()["tls_handshakes_failed"]; got != int64(2) {
+		ts.expectLogged("disconnect", `reason="tls handshake failed"`)
+		if got := ts.srv.left.Get("tls handshake failed").String(); got != "2" {
 			t.Errorf("tls_handshakes_failed = %v, want 2", got)
 		}
 	})
@@ -3319,7 +3325,9 @@ func cutAll(data []byte, size int) []string {
 		c.cut(slices.Clone(data[:n]), f)
 		data = data[n:]
 	}
-	c.end(f)
+	if len(c.part) > 0 {
+		c.cut([]byte("\n"), f) // as the reader does at the end
+	}
 	return out
 }
 
@@ -3493,7 +3501,7 @@ func benchRoom(b *testing.B, n int) (*Server, []*User, []*sinkConn) {
 		sinks[i] = newSink(10000 + i)
 		users[i] = newUser(s, sinks[i], netip.Prefix{})
 		s.wg.Add(1)
-		go s.Handler(users[i])
+		go s.Handler(context.Background(), users[i])
 		// Each joins before the next: all see the later ones come.
 		waitSinks(b, sinks[i:i+1], func(int) int64 { return 1 })
 	}

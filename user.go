@@ -49,7 +49,7 @@ type User struct {
 	writing    atomic.Bool   // a ListenMessage goroutine runs
 	writeBegan atomic.Int64  // when the write in progress began (Unix ns), 0 between writes
 	incoming   atomic.Int64  // the bytes of whispers to u on their way to the hub
-	caughtUp   chan struct{} // closed once u caught up, if a whisper waits for it: see keepUp
+	caughtUp   chan struct{} // closed once u is no more behind, if someone waits: see behind
 	sealed     bool          // nothing more is queued (the user left)
 	aborted    bool          // dropped: what waits is thrown away, conn ends at once
 	final      time.Time     // once sealed, the deadline of the last writes
@@ -90,11 +90,12 @@ const (
 	reasonStopping
 	reasonWriteFailed
 	reasonAddrHeld
+	reasonHandshake
 	reasons // how many
 )
 
 var reasonText = [reasons]string{"online", "closed by client", "reset by client", "read failed", "idle",
-	"slow reader", "stalled", "server stopping", "write failed", "address held by a user"}
+	"slow reader", "stalled", "server stopping", "write failed", "address held by a user", "tls handshake failed"}
 
 func (r reason) String() string { return reasonText[r] }
 
@@ -153,7 +154,9 @@ func (u *User) read() {
 			err = io.EOF // telnet's Ctrl-C ends the connection as a close does
 		}
 		if err != nil {
-			lines.end(run) // the last line, without "\n"
+			if len(lines.part) > 0 {
+				lines.cut([]byte("\n"), run) // the last line, which came without one
+			}
 			r := reasonReadFailed
 			if err == io.EOF {
 				r = reasonClosed
@@ -208,15 +211,6 @@ func (c *cutter) cut(data []byte, f func(line []byte, over bool, size int, end b
 	}
 }
 
-// end hands f the last line, if it came without "\n".
-func (c *cutter) end(f func(line []byte, over bool, size int, end bool)) {
-	if len(c.part) > 0 {
-		line := bytes.TrimSuffix(c.part, []byte("\r"))
-		f(line, false, len(line), true)
-	}
-	c.part = nil
-}
-
 // tooLong takes size more bytes of an over-long line, long of which came
 // before, and returns its bytes so far (0 once it ends). Every byte is
 // paced as a line's are; R7 goes out once the line is known to be too
@@ -236,7 +230,7 @@ func (u *User) tooLong(long, size int, end bool) int {
 
 // arrived notes a complete line, which is activity for the idle kick.
 func (u *User) arrived() {
-	u.srv.stats.linesIn.Add(1)
+	u.srv.vars.Add("lines_received", 1)
 	u.lastLineAt.Store(int64(time.Since(u.srv.epoch)))
 }
 
@@ -277,15 +271,22 @@ func (u *User) pace(cost int) bool {
 	if wait == 0 {
 		return true
 	}
-	s.stats.waited.Add(1)
-	t := time.NewTimer(wait)
+	s.vars.Add("lines_waited", 1)
+	return u.sleep(wait, nil)
+}
+
+// sleep waits for d, or for ch to close, and reports true, unless u leaves
+// first.
+func (u *User) sleep(d time.Duration, ch <-chan struct{}) bool {
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
-		return true
+	case <-ch:
 	case <-u.done:
 		return false
 	}
+	return true
 }
 
 func (u *User) rename(name []byte) {
@@ -319,8 +320,8 @@ func (u *User) whisper(name, text []byte) {
 	case len(text) == 0:
 		u.reply(replyNoText)
 	default:
-		if s.unitEvery == 0 {
-			to.keepUp(u)
+		if ch := to.behind(); ch != nil && s.unitEvery == 0 {
+			u.sleep(maxLeadWait, ch) // see Server.keepUp: only the sender waits
 		}
 		b := make([]byte, 0, len(u.Name)+len("对您说:")+len(text)+1)
 		b = append(append(append(append(b, u.Name...), "对您说:"...), text...), '\n')
@@ -329,28 +330,19 @@ func (u *User) whisper(name, text []byte) {
 	}
 }
 
-// keepUp is Server.keepUp for whispers: without flood control, a whisper to
-// u, which is more than half of tightQueuedBytes behind with the whispers
-// on their way to it, waits for u to catch up (maxLeadWait at most), and so
-// does its sender, from.
-func (u *User) keepUp(from *User) {
+// behind returns a channel closed once u is no more than maxLead behind,
+// the whispers on their way to it counted, or nil if it is not that far
+// behind.
+func (u *User) behind() <-chan struct{} {
 	u.mu.Lock()
-	if u.waiting()+int(u.incoming.Load()) <= tightQueuedBytes/2 || u.aborted {
-		u.mu.Unlock()
-		return
-	}
-	if u.caughtUp == nil {
+	defer u.mu.Unlock()
+	switch {
+	case u.waiting()+int(u.incoming.Load()) <= maxLead, u.aborted:
+		return nil
+	case u.caughtUp == nil:
 		u.caughtUp = make(chan struct{})
 	}
-	ch := u.caughtUp
-	u.mu.Unlock()
-	t := time.NewTimer(maxLeadWait)
-	defer t.Stop()
-	select {
-	case <-ch:
-	case <-t.C:
-	case <-from.done:
-	}
+	return u.caughtUp
 }
 
 // userLine formats "[addr]name:text\n". Only u's reader, or its Handler
@@ -370,8 +362,7 @@ func (u *User) userLine(text []byte) *line {
 // lives while some user has not read it (and a user more than its bound
 // behind is dropped).
 type logChunk struct {
-	b     []byte                   // logChunkBytes long: b[:n] is written
-	n     atomic.Int64             //
+	b     []byte                   // logChunkBytes long, written up to srv.head
 	start int64                    // the place of b[0] in the log
 	next  atomic.Pointer[logChunk] // set once b is full
 }
@@ -380,18 +371,17 @@ const logChunkBytes = 64 << 10
 
 // appendLog appends a line to the room's log; ListenMessager's.
 func (s *Server) appendLog(b []byte) {
+	head := s.head.Load()
 	for rest := b; len(rest) > 0; {
-		c := s.tail
-		if int(c.n.Load()) == len(c.b) {
-			s.tail = &logChunk{b: make([]byte, logChunkBytes), start: c.start + int64(len(c.b))}
-			c.next.Store(s.tail)
-			continue
+		if head-s.tail.start == logChunkBytes {
+			next := &logChunk{b: make([]byte, logChunkBytes), start: head}
+			s.tail.next.Store(next)
+			s.tail = next
 		}
-		k := copy(c.b[c.n.Load():], rest)
-		c.n.Add(int64(k))
-		rest = rest[k:]
+		k := copy(s.tail.b[head-s.tail.start:], rest)
+		head, rest = head+int64(k), rest[k:]
 	}
-	s.head.Add(int64(len(b))) // now the writers may read it
+	s.head.Store(head) // now the writers may read it
 }
 
 // line is one of a user's own lines (or a who reply: many), maybe shared
@@ -466,7 +456,7 @@ func (u *User) ListenMessage() {
 			continue
 		}
 		deadline := time.Now().Add(stallTimeout)
-		if u.sealed && u.final.Before(deadline) {
+		if u.sealed {
 			deadline = u.final
 		}
 		u.conn.SetWriteDeadline(deadline) // under mu: seal and abort move it too
@@ -543,15 +533,9 @@ func (u *User) wrote(n int, own bool, err error) {
 			u.lc = next
 		}
 	}
-	s.stats.bytesOut.Add(int64(n))
-	if w := u.waiting(); w <= maxLead && w+n > maxLead {
-		select { // the hub may wait for u to catch up: see Server.keepUp
-		case s.caughtUp <- struct{}{}:
-		default:
-		}
-	}
-	if u.caughtUp != nil && u.waiting()+int(u.incoming.Load()) <= tightQueuedBytes/2 {
-		close(u.caughtUp) // whispers to u wait for it: see User.keepUp
+	s.vars.Add("bytes_sent", int64(n))
+	if u.caughtUp != nil && u.waiting()+int(u.incoming.Load()) <= maxLead {
+		close(u.caughtUp) // senders wait for it: see behind
 		u.caughtUp = nil
 	}
 	if err != nil {
@@ -669,11 +653,11 @@ const (
 	sb   = 0xfa // subnegotiation, up to IAC SE
 	ip   = 0xf4 // interrupt process: telnet's Ctrl-C
 	se   = 0xf0 // the lowest command byte
-	// Where the reader is in a command (User.telnetIn), besides 0 (text)
-	// and the verbs will, wont, do and dont (an option byte follows).
+	// Where the reader is in a command (User.telnetIn): 0 in text, inIAC
+	// after an IAC, the verb (will, wont, do, dont) before its option, sb
+	// in a subnegotiation, inSBIAC after an IAC in one.
 	inIAC   = 1
-	inSB    = 2
-	inSBIAC = 3
+	inSBIAC = 2
 )
 
 // telnet takes telnet's commands out of data (README's "Telnet"), writing
@@ -686,45 +670,29 @@ func (u *User) telnet(dst, data []byte) (text []byte, took int, interrupted bool
 		return data, 0, false // no telnet in it: most reads
 	}
 	for i, c := range data {
-		switch u.telnetIn {
-		case 0:
-			if c == iac {
-				u.telnetIn = inIAC
-			} else {
-				dst = append(dst, c)
-			}
-		case inIAC:
-			u.telnetIn = 0
-			switch {
-			case c == iac: // IAC IAC is a 0xFF in the text
-				dst = append(dst, iac)
-			case c < se: // a 0xFF that is not telnet's: invalid UTF-8, cleaned
-				dst = append(dst, iac, c)
-			case c == ip:
-				return dst, i + 1 - len(dst), true
-			case c == sb:
-				u.telnetIn = inSB
-			case c >= will:
-				u.telnetIn = c
-			}
-		case do, will:
-			answer := byte(wont)
-			if u.telnetIn == will {
-				answer = dont
-			}
+		switch in := u.telnetIn; {
+		case in == 0 && c == iac:
+			u.telnetIn = inIAC
+		case in == 0:
+			dst = append(dst, c)
+		case in == inIAC && c == iac: // IAC IAC is a 0xFF in the text
+			dst, u.telnetIn = append(dst, iac), 0
+		case in == inIAC && c == ip:
+			return dst, i + 1 - len(dst), true
+		case in == inIAC && (c == sb || c >= will):
+			u.telnetIn = c
+		case in == inIAC && c < se: // a 0xFF that is not telnet's: invalid UTF-8, cleaned
+			dst, u.telnetIn = append(dst, iac, c), 0
+		case in == do || in == will:
+			answer := map[byte]byte{do: wont, will: dont}[in]
 			u.reply([]byte{iac, answer, c})
 			u.telnetIn = 0
-		case wont, dont:
+		case in == sb && c == iac:
+			u.telnetIn = inSBIAC
+		case in == inSBIAC && c == se, in != sb && in != inSBIAC:
 			u.telnetIn = 0
-		case inSB:
-			if c == iac {
-				u.telnetIn = inSBIAC
-			}
-		case inSBIAC:
-			u.telnetIn = inSB
-			if c == se {
-				u.telnetIn = 0
-			}
+		case in == inSBIAC:
+			u.telnetIn = sb
 		}
 	}
 	return dst, len(data) - len(dst), false
@@ -866,25 +834,14 @@ func scriptOf(r rune) string {
 	return ""
 }
 
-// scriptMixes are the scripts that may be mixed in a name: each is how one
-// language is written.
-var scriptMixes = [][]string{
-	{"Latin", "Han", "Hiragana", "Katakana"}, // Japanese
-	{"Latin", "Han", "Hangul"},               // Korean
-	{"Latin", "Han", "Bopomofo"},             // Chinese with zhuyin
-}
-
-// oneScript reports whether a name's scripts are one, or fit one mix.
+// oneScript reports whether a name's scripts are one, or fit one of the
+// mixes in which a language is written: Japanese, Korean, and Chinese
+// with zhuyin.
 func oneScript(scripts []string) bool {
-	if len(scripts) <= 1 {
-		return true
-	}
-	for _, mix := range scriptMixes {
-		if !slices.ContainsFunc(scripts, func(sc string) bool { return !slices.Contains(mix, sc) }) {
-			return true
-		}
-	}
-	return false
+	return len(scripts) <= 1 || slices.ContainsFunc([]string{"Latin Han Hiragana Katakana", "Latin Han Hangul", "Latin Han Bopomofo"},
+		func(mix string) bool {
+			return !slices.ContainsFunc(scripts, func(sc string) bool { return !slices.Contains(strings.Fields(mix), sc) })
+		})
 }
 
 // nameKey is the key that makes names unique, and by which to| finds a
