@@ -18,10 +18,11 @@ import (
 	"math"
 	"net"
 	"net/http"
-	"net/http/pprof"
+	_ "net/http/pprof" // its profiles on http.DefaultServeMux, beside expvar's counters
 	"net/netip"
 	"os"
 	"os/signal"
+	"regexp"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -176,17 +177,11 @@ func parseHost(s string) (string, error) {
 		_, err := netip.ParseAddr(ip)
 		return ip, want(ok && err == nil, wanted)
 	}
-	if _, err := netip.ParseAddr(s); err == nil {
-		return s, nil
-	}
-	ok := true
-	for _, l := range strings.Split(strings.TrimSuffix(s, "."), ".") {
-		ok = ok && l != "" && len(l) <= 63 && l[0] != '-' && l[len(l)-1] != '-' && !strings.ContainsFunc(l, func(r rune) bool {
-			return !(r == '-' || r >= '0' && r <= '9' || r|0x20 >= 'a' && r|0x20 <= 'z')
-		})
-	}
-	return s, want(ok, wanted)
+	_, err := netip.ParseAddr(s)
+	return s, want(err == nil || hostName.MatchString(s), wanted)
 }
+
+var hostName = regexp.MustCompile(`^([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)*[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.?$`)
 
 // resolve returns the address to listen on: hostPort's, or its host name's
 // first address.
@@ -279,20 +274,15 @@ func serveDebug(ctx context.Context, addr netip.AddrPort, srv *Server) error {
 	return nil
 }
 
-// debugServer is the debug listener's HTTP server. It holds at most
+// debugServer is the debug listener's HTTP server, serving
+// http.DefaultServeMux, where expvar and net/http/pprof put their pages
+// (nothing else in the program does). It holds at most
 // maxDebugConns connections, each for a bounded time, and its errors go to
 // the server's log: it never takes what the chat needs.
 func debugServer(srv *Server) *http.Server {
-	mux := http.NewServeMux()
-	mux.Handle("/debug/vars", expvar.Handler())
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	errorLog := log.New(logWriter(func(msg string) { srv.event(slog.LevelWarn, "debug listener", "err", msg) }), "", 0)
 	var open atomic.Int32
-	return &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: debugIdleTimeout, ErrorLog: errorLog,
+	return &http.Server{ReadHeaderTimeout: 5 * time.Second, IdleTimeout: debugIdleTimeout, ErrorLog: errorLog,
 		ConnState: func(c net.Conn, state http.ConnState) {
 			switch state {
 			case http.StateNew:

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"expvar"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -115,8 +116,7 @@ type Server struct {
 
 	mu        sync.Mutex
 	OnlineMap map[string]*User            // by nameKey(name); ListenMessager adds and removes
-	version   int                         // counts changes of OnlineMap and of names
-	whoReply  *line                       // the who reply for version, if built
+	whoReply  *line                       // the who reply, if built since the names last changed
 	addrs     map[netip.Prefix]*addrUsage // by address, while it has users or its bucket is not full
 	sweepAt   int                         // len(addrs) at which to forget the idle ones
 
@@ -223,11 +223,7 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 		case errors.Is(err, syscall.EMFILE), errors.Is(err, syscall.ENFILE), errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.ENOMEM):
 			// These pass as users leave: wait a little and try again.
 			s.reject("accept failed")
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-time.After(10 * time.Millisecond):
-			}
+			time.Sleep(10 * time.Millisecond) // then Accept fails at once if ctx is done
 			continue
 		default:
 			return err
@@ -238,21 +234,18 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 		key := keyOf(conn.RemoteAddr())
 		if s.MaxConns > 0 && s.conns.Load() >= int64(s.MaxConns) {
 			s.turnAway(ctx, conn, replyFull, "server full", false)
-			continue
-		}
-		if why := s.admit(key); why != "" {
+		} else if why := s.admit(key); why != "" {
 			s.turnAway(ctx, conn, replyAddrFull, why, false)
-			continue
+		} else {
+			s.conns.Add(1)
+			s.vars.Add("connections_accepted", 1)
+			if s.TLS != nil {
+				conn = tls.Server(conn, s.TLS)
+			}
+			u := newUser(s, conn, key)
+			s.event(slog.LevelInfo, "connect", "addr", u.Addr)
+			s.wg.Go(func() { s.Handler(ctx, u) })
 		}
-		s.conns.Add(1)
-		s.vars.Add("connections_accepted", 1)
-		if s.TLS != nil {
-			conn = tls.Server(conn, s.TLS)
-		}
-		u := newUser(s, conn, key)
-		s.event(slog.LevelInfo, "connect", "addr", u.Addr)
-		s.wg.Add(1)
-		go s.Handler(ctx, u)
 	}
 }
 
@@ -263,7 +256,6 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 // (at most flushTimeout), lingers, and closes the connection. README's
 // "How it works" tells the whole life of a user.
 func (s *Server) Handler(ctx context.Context, u *User) {
-	defer s.wg.Done()
 	if tc, ok := u.conn.(*tls.Conn); ok {
 		if err := s.handshake(ctx, tc); err != nil {
 			u.leave(reasonHandshake, err) // it never joins: nobody is told
@@ -278,7 +270,6 @@ func (s *Server) Handler(ctx context.Context, u *User) {
 	}
 	u.reader.Go(u.read)
 	idle := time.NewTimer(s.Idle)
-	defer idle.Stop()
 	kick := idle.C
 	if s.Idle == 0 {
 		kick = nil // never ready: nobody is kicked
@@ -288,7 +279,7 @@ func (s *Server) Handler(ctx context.Context, u *User) {
 		case <-kick:
 			// The reader notes each line's time rather than reset the
 			// timer: look at the last line, and kick or wait for the rest.
-			if left := s.Idle - time.Since(u.lastLine()); left > 0 {
+			if left := s.Idle - time.Since(s.epoch) + time.Duration(u.lastLineAt.Load()); left > 0 {
 				idle.Reset(left)
 			} else if u.leave(reasonIdle, nil) {
 				s.event(slog.LevelInfo, "kick", "addr", u.Addr, "idle", s.Idle)
@@ -302,10 +293,10 @@ func (s *Server) Handler(ctx context.Context, u *User) {
 	u.linger()
 	u.reader.Wait()
 	netConn(u.conn).Close()
-	r := u.reason()
-	s.left.Add(r.String(), 1)
+	r := *u.why.Load()
+	s.left.Add(string(r), 1)
 	// The hub took u out: no rename changes u.Name any more.
-	attrs := []any{"addr", u.Addr, "name", u.Name, "reason", r.String()}
+	attrs := []any{"addr", u.Addr, "name", u.Name, "reason", string(r)}
 	if u.err != nil && r != reasonClosed {
 		attrs = append(attrs, "err", u.err.Error())
 	}
@@ -339,12 +330,8 @@ func (s *Server) sendTo(from, to *User, l *line) {
 // send hands m to ListenMessager, unless it has stopped.
 func (s *Server) send(m message) {
 	select {
-	case s.Message <- m: // most sends: a select of one case is cheaper
-	default:
-		select {
-		case s.Message <- m:
-		case <-s.hubDone:
-		}
+	case s.Message <- m:
+	case <-s.hubDone:
 	}
 }
 
@@ -376,18 +363,17 @@ type message struct {
 func (s *Server) ListenMessager() {
 	defer close(s.hubDone)
 	for m := range s.Message {
-		if !s.handOut(m) {
+		if m.kind == msgStop {
 			return
 		}
+		s.handOut(m)
 	}
 }
 
-// handOut does what m says. It reports false for msgStop.
-func (s *Server) handOut(m message) bool {
+// handOut does what m says.
+func (s *Server) handOut(m message) {
 	u := m.from
 	switch {
-	case m.kind == msgStop:
-		return false
 	case m.kind == msgShutdown:
 		s.stopping = true
 		for _, u := range s.members {
@@ -408,7 +394,6 @@ func (s *Server) handOut(m message) bool {
 	default:
 		s.push(m.to, m.line, s.bound())
 	}
-	return true
 }
 
 // join brings u into the room, unless the server stops or u's address is
@@ -421,7 +406,7 @@ func (s *Server) join(u *User, online *line) {
 	_, held := s.OnlineMap[key]
 	if !held && !s.stopping {
 		s.OnlineMap[key] = u
-		s.changedLocked()
+		s.whoReply = nil // the names changed
 	}
 	s.mu.Unlock()
 	switch {
@@ -448,17 +433,16 @@ func (s *Server) part(u *User) {
 	s.mu.Lock()
 	if key := nameKey(u.Name); s.OnlineMap[key] == u {
 		delete(s.OnlineMap, key)
-		s.changedLocked()
+		s.whoReply = nil // the names changed
 	}
 	s.releaseLocked(u.key)
-	name := u.Name
-	s.mu.Unlock()
-	u.seal(nil) // before its 已下线, which is not for u
+	s.mu.Unlock() // no rename changes u.Name any more
+	u.seal(nil)   // before its 已下线, which is not for u
 	if u.inRoom {
 		u.inRoom = false
 		s.members = slices.DeleteFunc(s.members, func(m *User) bool { return m == u })
 		if !s.stopping {
-			s.fanOut(&line{b: []byte("[" + u.Addr + "]" + name + ":已下线\n")})
+			s.fanOut(&line{b: []byte("[" + u.Addr + "]" + u.Name + ":已下线\n")})
 		}
 	}
 }
@@ -538,12 +522,6 @@ func (s *Server) bound() int {
 	return maxQueuedBytes
 }
 
-// changedLocked notes a change of the room's names; s.mu is held.
-func (s *Server) changedLocked() {
-	s.version++
-	s.whoReply = nil
-}
-
 // The room's bookkeeping: names and who.
 
 var errNameTaken = errors.New("name taken")
@@ -565,7 +543,7 @@ func (s *Server) rename(u *User, name string) error {
 	delete(s.OnlineMap, old)
 	u.Name = name
 	s.OnlineMap[key] = u
-	s.changedLocked()
+	s.whoReply = nil // the names changed
 	return nil
 }
 
@@ -582,33 +560,19 @@ func (s *Server) lookup(name []byte) *User {
 }
 
 // who returns the who reply: one [addr]name:在线... line per online user,
-// sorted by name. It is built outside the lock, and shared by every who
-// until the room changes: a who storm costs its bytes once.
+// sorted by name. It is shared by every who until the room changes: a who
+// storm costs its bytes once.
 func (s *Server) who() *line {
-	type entry struct{ name, addr string }
 	s.mu.Lock()
-	if l := s.whoReply; l != nil {
-		s.mu.Unlock()
-		return l
+	defer s.mu.Unlock()
+	if s.whoReply == nil {
+		var b []byte
+		for _, u := range slices.SortedFunc(maps.Values(s.OnlineMap), func(a, b *User) int { return strings.Compare(a.Name, b.Name) }) {
+			b = append(append(append(append(append(b, '['), u.Addr...), ']'), u.Name...), ":在线...\n"...)
+		}
+		s.whoReply = &line{b: b, whole: true}
 	}
-	version := s.version
-	list := make([]entry, 0, len(s.OnlineMap))
-	for _, u := range s.OnlineMap {
-		list = append(list, entry{u.Name, u.Addr})
-	}
-	s.mu.Unlock()
-	slices.SortFunc(list, func(a, b entry) int { return strings.Compare(a.name, b.name) })
-	var b []byte
-	for _, e := range list {
-		b = append(append(append(append(append(b, '['), e.addr...), ']'), e.name...), ":在线...\n"...)
-	}
-	l := &line{b: b, whole: true}
-	s.mu.Lock()
-	if s.version == version {
-		s.whoReply = l
-	}
-	s.mu.Unlock()
-	return l
+	return s.whoReply
 }
 
 // cost is what a line costs in flood-control units: see budgetUnits.
@@ -645,10 +609,8 @@ func (s *Server) checkDescriptors() {
 // closed at once (a TLS one closed with nothing said).
 func (s *Server) turnAway(ctx context.Context, conn net.Conn, reply []byte, why string, now bool) {
 	s.reject(why)
-	if now || s.rejecting.Add(1) > maxRejecting {
-		if !now {
-			s.rejecting.Add(-1)
-		}
+	// accept, the only goroutine that adds to s.rejecting, calls turnAway.
+	if now || s.rejecting.Load() >= maxRejecting {
 		if s.TLS == nil {
 			// A fresh connection's send buffer is empty: this write does
 			// not wait (the deadline is for connections that are not TCP's).
@@ -658,6 +620,7 @@ func (s *Server) turnAway(ctx context.Context, conn net.Conn, reply []byte, why 
 		conn.Close()
 		return
 	}
+	s.rejecting.Add(1)
 	s.wg.Go(func() {
 		defer s.rejecting.Add(-1)
 		defer conn.Close()
@@ -713,10 +676,7 @@ type addrUsage struct {
 // keyOf is the address a connection counts against: its IPv4 address, or
 // its IPv6 /64 (what one subscriber is usually given).
 func keyOf(a net.Addr) netip.Prefix {
-	ta, ok := a.(*net.TCPAddr)
-	if !ok {
-		return netip.Prefix{}
-	}
+	ta, _ := a.(*net.TCPAddr) // nil, and no address, for a net.Pipe
 	ip := ta.AddrPort().Addr().Unmap()
 	if ip.Is4() {
 		return netip.PrefixFrom(ip, 32)
@@ -811,47 +771,41 @@ func (s *Server) reject(why string) {
 }
 
 // writeLog writes the lines of s.logs to s.logTo until done is closed and
-// they are written. Of each kind of event it writes logBurst lines a second at
-// most, and the count of the rest once the second is over (README's "The
-// log"); before a line, the count of those dropped since the last.
+// they are written. Of each kind of event it writes logBurst lines a second
+// at most, and the count of the rest once the second is over (README's "The
+// log").
 func (s *Server) writeLog(done <-chan struct{}) {
 	defer close(s.logEnded)
 	counts := map[string]int{} // lines of each kind in this second
-	var second <-chan time.Time
-	write := func(r slog.Record) {
-		if n := s.logDropped.Swap(0); n > 0 {
-			s.logTo.Handle(context.Background(), record(slog.LevelWarn, "log lines dropped", "count", n))
+	second := time.NewTicker(time.Second)
+	defer second.Stop()
+	for ended := false; !ended; {
+		select {
+		case r := <-s.logs:
+			if counts[r.Message]++; counts[r.Message] <= logBurst {
+				s.writeRecord(r)
+			}
+			continue
+		case <-second.C:
+		case <-done:
+			if ended = len(s.logs) == 0; !ended {
+				continue // the lines still queued first
+			}
 		}
-		s.logTo.Handle(context.Background(), r)
-	}
-	endSecond := func() {
 		for msg, n := range counts {
 			if n > logBurst {
-				write(record(slog.LevelInfo, msg, "more", n-logBurst))
+				s.writeRecord(record(slog.LevelInfo, msg, "more", n-logBurst))
 			}
 		}
 		clear(counts)
-		second = nil
 	}
-	for {
-		var r slog.Record
-		select {
-		case r = <-s.logs:
-		case <-second:
-			endSecond()
-			continue
-		case <-done:
-			if len(s.logs) == 0 {
-				endSecond()
-				return
-			}
-			r = <-s.logs
-		}
-		if second == nil {
-			second = time.After(time.Second)
-		}
-		if counts[r.Message]++; counts[r.Message] <= logBurst {
-			write(r)
-		}
+}
+
+// writeRecord writes r, after the count of the lines dropped since the
+// last line written, if any.
+func (s *Server) writeRecord(r slog.Record) {
+	if n := s.logDropped.Swap(0); n > 0 {
+		s.logTo.Handle(context.Background(), record(slog.LevelWarn, "log lines dropped", "count", n))
 	}
+	s.logTo.Handle(context.Background(), r)
 }

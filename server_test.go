@@ -1616,7 +1616,7 @@ func TestTightBound(t *testing.T) {
 			name := fmt.Sprintf("%s%03d", strings.Repeat("名", 40), i) // 160 bytes a line
 			s.OnlineMap[nameKey(name)] = &User{Name: name, Addr: "10.0.0.9:1"}
 		}
-		s.changedLocked()
+		s.whoReply = nil
 		s.mu.Unlock()
 		asker := ts.join(b)
 		asker.send("who")
@@ -2394,7 +2394,7 @@ func TestTCPWhoOverBound(t *testing.T) {
 		name := strings.Repeat("😀", 30) + string(rune(0x1f300+i/64)) + string(rune(0x1f300+i%64))
 		s.OnlineMap[nameKey(name)] = &User{Name: name, Addr: "10.0.0.9:1"}
 	}
-	s.changedLocked()
+	s.whoReply = nil
 	s.mu.Unlock()
 
 	a.send("who")
@@ -3297,7 +3297,7 @@ func referenceLines(data []byte) []string {
 			out = append(out, "!…")
 		case found:
 			out = append(out, string(content))
-		case len(content) > 0: // the last line, at the end
+		case len(line) > 0: // the last line, at the end, even if only "\r"
 			out = append(out, string(content))
 		}
 	}
@@ -3499,9 +3499,9 @@ func benchRoom(b *testing.B, n int) (*Server, []*User, []*sinkConn) {
 	sinks := make([]*sinkConn, n)
 	for i := range users {
 		sinks[i] = newSink(10000 + i)
-		users[i] = newUser(s, sinks[i], netip.Prefix{})
-		s.wg.Add(1)
-		go s.Handler(context.Background(), users[i])
+		u := newUser(s, sinks[i], netip.Prefix{})
+		users[i] = u
+		s.wg.Go(func() { s.Handler(context.Background(), u) })
 		// Each joins before the next: all see the later ones come.
 		waitSinks(b, sinks[i:i+1], func(int) int64 { return 1 })
 	}
@@ -3596,7 +3596,7 @@ func BenchmarkWho(b *testing.B) {
 				for b.Loop() {
 					if change {
 						s.mu.Lock()
-						s.changedLocked()
+						s.whoReply = nil
 						s.mu.Unlock()
 					}
 					if l := s.who(); len(l.b) == 0 {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"crypto/tls"
 	"errors"
 	"io"
@@ -53,13 +54,14 @@ type User struct {
 	sealed     bool          // nothing more is queued (the user left)
 	aborted    bool          // dropped: what waits is thrown away, conn ends at once
 	final      time.Time     // once sealed, the deadline of the last writes
-	flushed    chan struct{}
+	flushed    chan struct{} // closed once u left and all that waited for it went
+	flushOnce  sync.Once
 
-	why    atomic.Uint32 // why u left (a reason); online until it does
-	err    error         // what failed, if that is why; set before done is closed
-	done   chan struct{} // closed once u leaves
-	joined chan struct{} // closed once u is in the room
-	inRoom bool          // u is one of srv.members; ListenMessager's
+	why    atomic.Pointer[reason] // why u left; nil while online
+	err    error                  // what failed, if that is why; set before done is closed
+	done   chan struct{}          // closed once u leaves
+	joined chan struct{}          // closed once u is in the room
+	inRoom bool                   // u is one of srv.members; ListenMessager's
 	reader sync.WaitGroup
 
 	lastLineAt atomic.Int64 // when the last complete line came, since srv.epoch
@@ -76,34 +78,27 @@ func newUser(s *Server, conn net.Conn, key netip.Prefix) *User {
 	return u
 }
 
-// reason says why a user left.
-type reason uint32
+// reason says why a user left: the disconnect's reason in the log.
+type reason string
 
 const (
-	online reason = iota
-	reasonClosed
-	reasonReset
-	reasonReadFailed
-	reasonIdle
-	reasonSlowReader
-	reasonStalled
-	reasonStopping
-	reasonWriteFailed
-	reasonAddrHeld
-	reasonHandshake
-	reasons // how many
+	reasonClosed      reason = "closed by client"
+	reasonReset       reason = "reset by client"
+	reasonReadFailed  reason = "read failed"
+	reasonIdle        reason = "idle"
+	reasonSlowReader  reason = "slow reader"
+	reasonStalled     reason = "stalled"
+	reasonStopping    reason = "server stopping"
+	reasonWriteFailed reason = "write failed"
+	reasonAddrHeld    reason = "address held by a user"
+	reasonHandshake   reason = "tls handshake failed"
 )
-
-var reasonText = [reasons]string{"online", "closed by client", "reset by client", "read failed", "idle",
-	"slow reader", "stalled", "server stopping", "write failed", "address held by a user", "tls handshake failed"}
-
-func (r reason) String() string { return reasonText[r] }
 
 // leave records why u goes, with the error if one caused it. The first
 // reason wins; it reports whether this one did. Once u has left its reader
 // runs no more lines, and Handler takes it out of the room.
 func (u *User) leave(r reason, err error) bool {
-	if !u.why.CompareAndSwap(uint32(online), uint32(r)) {
+	if !u.why.CompareAndSwap(nil, &r) {
 		return false
 	}
 	u.err = err
@@ -111,13 +106,7 @@ func (u *User) leave(r reason, err error) bool {
 	return true
 }
 
-func (u *User) reason() reason { return reason(u.why.Load()) }
-
-func (u *User) gone() bool { return u.reason() != online }
-
-func (u *User) lastLine() time.Time {
-	return u.srv.epoch.Add(time.Duration(u.lastLineAt.Load()))
-}
+func (u *User) gone() bool { return u.why.Load() != nil }
 
 // readBytes is the reader's buffer: a typed line fits in one read; a line
 // that does not is put together in a buffer of its own (cutter.part).
@@ -147,9 +136,7 @@ func (u *User) read() {
 		n, err := u.conn.Read(buf[1:])
 		text, telnetBytes, interrupted := u.telnet(buf[:0], buf[1:1+n])
 		lines.cut(text, run)
-		if telnetBytes > 0 && u.srv.unitEvery > 0 {
-			u.pace((telnetBytes + unitBytes - 1) / unitBytes) // telnet's bytes are paced too
-		}
+		u.pace((telnetBytes + unitBytes - 1) / unitBytes) // telnet's bytes are paced too
 		if err == nil && interrupted {
 			err = io.EOF // telnet's Ctrl-C ends the connection as a close does
 		}
@@ -189,14 +176,10 @@ func (c *cutter) cut(data []byte, f func(line []byte, over bool, size int, end b
 		chunk := data[:i]
 		data = data[min(i+1, len(data)):]
 		size := len(c.part) + len(chunk)
-		last := byte('\r') // the line's last byte: a "\r" at the limit may end it
-		if len(chunk) > 0 {
-			last = chunk[len(chunk)-1]
-		} else if len(c.part) > 0 {
-			last = c.part[len(c.part)-1]
-		}
 		switch {
-		case c.long || size > maxLineBytes+1 || size == maxLineBytes+1 && last != '\r':
+		// One byte past the limit is a "\r" before the "\n", or too much.
+		// (Once chunk is empty, c.part held it, so it is a "\r".)
+		case c.long || size > maxLineBytes+1 || size == maxLineBytes+1 && len(chunk) > 0 && chunk[len(chunk)-1] != '\r':
 			c.long, c.part = !end, nil
 			f(nil, true, size, end)
 		case !end:
@@ -216,8 +199,7 @@ func (c *cutter) cut(data []byte, f func(line []byte, over bool, size int, end b
 // paced as a line's are; R7 goes out once the line is known to be too
 // long, and its end counts as activity.
 func (u *User) tooLong(long, size int, end bool) int {
-	units := func(n int) int { return (n + unitBytes - 1) / unitBytes }
-	u.pace(units(long+size) - units(long))
+	u.pace((long+size+unitBytes-1)/unitBytes - (long+unitBytes-1)/unitBytes)
 	if long == 0 {
 		u.reply(replyTooLong)
 	}
@@ -278,10 +260,8 @@ func (u *User) pace(cost int) bool {
 // sleep waits for d, or for ch to close, and reports true, unless u leaves
 // first.
 func (u *User) sleep(d time.Duration, ch <-chan struct{}) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
 	select {
-	case <-t.C:
+	case <-time.After(d):
 	case <-ch:
 	case <-u.done:
 		return false
@@ -290,17 +270,16 @@ func (u *User) sleep(d time.Duration, ch <-chan struct{}) bool {
 }
 
 func (u *User) rename(name []byte) {
-	s := u.srv
 	if !validName(name) {
 		u.reply(replyBadName)
 		return
 	}
 	old := u.Name
-	switch s.rename(u, string(name)) {
+	switch u.srv.rename(u, string(name)) {
 	case errNameTaken:
 		u.reply(replyNameTaken)
 	case nil:
-		s.event(slog.LevelInfo, "rename", "addr", u.Addr, "old", old, "new", u.Name)
+		u.srv.event(slog.LevelInfo, "rename", "addr", u.Addr, "old", old, "new", u.Name)
 		u.reply(append(append([]byte("您已更新用户名："), name...), '\n'))
 	}
 }
@@ -309,12 +288,10 @@ func (u *User) rename(name []byte) {
 // last, R12, is the hub's).
 func (u *User) whisper(name, text []byte) {
 	s := u.srv
-	if len(name) == 0 {
-		u.reply(replyBadFormat)
-		return
-	}
 	to := s.lookup(name)
 	switch {
+	case len(name) == 0:
+		u.reply(replyBadFormat)
 	case to == nil:
 		u.reply(replyNoUser)
 	case len(text) == 0:
@@ -511,7 +488,6 @@ func (u *User) pieceLocked(bufs net.Buffers, writev bool) (net.Buffers, bool) {
 // wrote takes the n bytes written off what waits for u, and ends u if the
 // write failed.
 func (u *User) wrote(n int, own bool, err error) {
-	s := u.srv
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	switch {
@@ -533,7 +509,7 @@ func (u *User) wrote(n int, own bool, err error) {
 			u.lc = next
 		}
 	}
-	s.vars.Add("bytes_sent", int64(n))
+	u.srv.vars.Add("bytes_sent", int64(n))
 	if u.caughtUp != nil && u.waiting()+int(u.incoming.Load()) <= maxLead {
 		close(u.caughtUp) // senders wait for it: see behind
 		u.caughtUp = nil
@@ -592,12 +568,8 @@ func (u *User) abortLocked() {
 // flushedLocked closes u.flushed once u left and all that waited for it is
 // written (or dropped); u.mu is held.
 func (u *User) flushedLocked() {
-	select {
-	case <-u.flushed:
-	default:
-		if u.sealed && len(u.own) == 0 && u.at.Load() >= u.end.Load() && !u.writing.Load() {
-			close(u.flushed)
-		}
+	if u.sealed && len(u.own) == 0 && u.at.Load() >= u.end.Load() && !u.writing.Load() {
+		u.flushOnce.Do(func() { close(u.flushed) })
 	}
 }
 
@@ -684,8 +656,7 @@ func (u *User) telnet(dst, data []byte) (text []byte, took int, interrupted bool
 		case in == inIAC && c < se: // a 0xFF that is not telnet's: invalid UTF-8, cleaned
 			dst, u.telnetIn = append(dst, iac, c), 0
 		case in == do || in == will:
-			answer := map[byte]byte{do: wont, will: dont}[in]
-			u.reply([]byte{iac, answer, c})
+			u.reply([]byte{iac, map[byte]byte{do: wont, will: dont}[in], c})
 			u.telnetIn = 0
 		case in == sb && c == iac:
 			u.telnetIn = inSBIAC
@@ -705,16 +676,9 @@ func (u *User) telnet(dst, data []byte) (text []byte, took int, interrupted bool
 // names removed, so that no user can drive another's terminal or turn
 // another's text around. A line that needs none of it is returned as it is.
 func clean(line []byte) []byte {
-	i := 0
-	for i < len(line) && (line[i] >= 0x20 && line[i] < 0x7f || line[i] == '\t') {
-		i++
-	}
-	if i == len(line) {
-		return line // printable ASCII: most lines
-	}
 	var out []byte // nil until something changes
 	invalid := false
-	for i < len(line) {
+	for i := 0; i < len(line); {
 		r, size := utf8.DecodeRune(line[i:])
 		bad := r == utf8.RuneError && size == 1
 		drop := !bad && removed(r)
@@ -860,10 +824,7 @@ func appendKey(key []byte, name string) []byte {
 			r -= 0xff01 - 0x21
 		}
 		r = fold(r)
-		if a, ok := lookAlike[r]; ok {
-			r = a
-		}
-		key = utf8.AppendRune(key, r)
+		key = utf8.AppendRune(key, cmp.Or(lookAlike[r], r))
 	}
 	return key
 }
