@@ -6,17 +6,19 @@ BIN       ?= server
 ARGS      ?=
 FUZZTIME  ?= 30s
 BENCHTIME ?= 1s
-FUZZ      := FuzzClean FuzzParseCommand FuzzReadLine
+FUZZ      := FuzzClean FuzzParseCommand FuzzCut FuzzTelnet
 # RACE=require makes a missing race detector an error, not a skip (CI).
 RACE      ?= auto
 
-.PHONY: build run test bench fuzz compare clean
+.PHONY: build run test bench fuzz clean
 
+# Quiet, so that a bad flag through `make run` prints the server's one
+# line (and make's own "Error 2" after it).
 build:
-	go build -buildvcs=auto -o $(BIN) .
+	@go build -buildvcs=auto -o $(BIN) .
 
 run: build
-	./$(BIN) $(ARGS)
+	@./$(BIN) $(ARGS)
 
 # The race detector needs cgo, and cgo a C compiler: where there is none
 # (go env CGO_ENABLED says 0), the tests run without it, and say so.
@@ -30,7 +32,9 @@ test:
 		race=""; echo "make test: no race detector: it needs cgo and a C compiler (go env CGO_ENABLED is 0)"; \
 	fi; \
 	echo "go vet ./..."; go vet ./... || exit 1; \
-	echo "go test $${race}-count=1 -parallel 16 ./..."; go test $${race}-count=1 -parallel 16 ./...
+	echo "go test $${race}-count=1 -parallel 16 ./..."; \
+	if [ -n "$$race" ]; then echo "  (a first run compiles the race detector's runtime: a minute or two before the result)"; fi; \
+	go test $${race}-count=1 -parallel 16 ./...
 
 bench:
 	go test -run '^$$' -bench . -benchtime $(BENCHTIME) -count 1 .
@@ -40,10 +44,6 @@ fuzz:
 		echo "== $$f ($(FUZZTIME))"; \
 		go test -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) . || exit 1; \
 	done
-
-# The side-by-side measurement against the limit server (needs ../shared/bench).
-compare: build
-	../shared/bench/compare.sh ./$(BIN)
 
 clean:
 	rm -f $(BIN) *.test *.prof

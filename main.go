@@ -280,9 +280,9 @@ func serveDebug(ctx context.Context, addr netip.AddrPort, srv *Server) error {
 // maxDebugConns connections, each for a bounded time, and its errors go to
 // the server's log: it never takes what the chat needs.
 func debugServer(srv *Server) *http.Server {
-	errorLog := log.New(logWriter(func(msg string) { srv.event(slog.LevelWarn, "debug listener", "err", msg) }), "", 0)
 	var open atomic.Int32
-	return &http.Server{ReadHeaderTimeout: 5 * time.Second, IdleTimeout: debugIdleTimeout, ErrorLog: errorLog,
+	return &http.Server{ReadHeaderTimeout: 5 * time.Second, IdleTimeout: debugIdleTimeout,
+		ErrorLog: log.New(logWriter(func(msg string) { srv.event(slog.LevelWarn, "debug listener", "err", msg) }), "", 0),
 		ConnState: func(c net.Conn, state http.ConnState) {
 			switch state {
 			case http.StateNew:

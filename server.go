@@ -222,7 +222,7 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 			continue
 		case errors.Is(err, syscall.EMFILE), errors.Is(err, syscall.ENFILE), errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.ENOMEM):
 			// These pass as users leave: wait a little and try again.
-			s.reject("accept failed")
+			s.rejected.Add("accept failed", 1)
 			time.Sleep(10 * time.Millisecond) // then Accept fails at once if ctx is done
 			continue
 		default:
@@ -608,7 +608,7 @@ func (s *Server) checkDescriptors() {
 // past that, or when now is set, the reply is written and the connection
 // closed at once (a TLS one closed with nothing said).
 func (s *Server) turnAway(ctx context.Context, conn net.Conn, reply []byte, why string, now bool) {
-	s.reject(why)
+	s.rejected.Add(why, 1) // logged by writeLog
 	// accept, the only goroutine that adds to s.rejecting, calls turnAway.
 	if now || s.rejecting.Load() >= maxRejecting {
 		if s.TLS == nil {
@@ -764,19 +764,14 @@ func record(level slog.Level, msg string, attrs ...any) slog.Record {
 	return r
 }
 
-// reject counts and logs a connection turned away.
-func (s *Server) reject(why string) {
-	s.rejected.Add(why, 1)
-	s.event(slog.LevelInfo, "reject", "reason", why)
-}
-
 // writeLog writes the lines of s.logs to s.logTo until done is closed and
 // they are written. Of each kind of event it writes logBurst lines a second
-// at most, and the count of the rest once the second is over (README's "The
-// log").
+// at most, and the count of the rest once the second is over; rejections,
+// once a second for each reason, with their count (README's "The log").
 func (s *Server) writeLog(done <-chan struct{}) {
 	defer close(s.logEnded)
-	counts := map[string]int{} // lines of each kind in this second
+	counts := map[string]int{}     // lines of each kind in this second
+	rejected := map[string]int64{} // rejections logged, by reason
 	second := time.NewTicker(time.Second)
 	defer second.Stop()
 	for ended := false; !ended; {
@@ -798,6 +793,12 @@ func (s *Server) writeLog(done <-chan struct{}) {
 			}
 		}
 		clear(counts)
+		s.rejected.Do(func(kv expvar.KeyValue) {
+			if n := kv.Value.(*expvar.Int).Value(); n > rejected[kv.Key] {
+				s.writeRecord(record(slog.LevelInfo, "reject", "reason", kv.Key, "count", n-rejected[kv.Key]))
+				rejected[kv.Key] = n
+			}
+		})
 	}
 }
 
