@@ -552,11 +552,10 @@ var errGone = errors.New("left the room")
 // lookup returns the online user whose name is name as names compare
 // (nameKey), or nil.
 func (s *Server) lookup(name []byte) *User {
-	var buf [128]byte
-	key := appendKey(buf[:0], string(name))
+	key := nameKey(string(name))
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.OnlineMap[string(key)]
+	return s.OnlineMap[key]
 }
 
 // who returns the who reply: one [addr]name:在线... line per online user,

@@ -572,7 +572,8 @@ func TestCommands(t *testing.T) {
 
 // telnet's Ctrl-C (IAC IP, then IAC DO TIMING-MARK) leaves the chat as
 // Ctrl-C leaves nc: the rest get 已下线; a 0xFF at the end of one read and
-// its command in the next are one command.
+// its command in the next are one command, and a 0xFF that ends the input
+// is text.
 func TestTelnetInterrupt(t *testing.T) {
 	t.Parallel()
 	synctest.Test(t, func(t *testing.T) {
@@ -590,6 +591,14 @@ func TestTelnetInterrupt(t *testing.T) {
 		a.expectClosed()
 		b.expectWho(b)
 		ts.expectLogged("disconnect", `reason="closed by client"`)
+
+		// A 0xFF with nothing after it, before the close, is no command:
+		// invalid UTF-8, in the last line.
+		c := ts.join(b)
+		c.write("bye\xff")
+		synctest.Wait()
+		c.conn.Close()
+		b.expect(c.says("bye\uFFFD"), c.offline())
 	})
 }
 
@@ -619,6 +628,7 @@ func TestRenameTakesEffectAtOnce(t *testing.T) {
 		a := ts.join()
 		b := ts.join(a)
 		old := a.name
+		a.expectWho(a, b) // the reply is kept until the names change
 		a.send("rename|x", "hi", "who")
 		a.name = "x"
 		a.expect(r3+"x", a.says("hi"), b.whoLine(), a.whoLine())
@@ -1277,6 +1287,52 @@ func TestFloodControl(t *testing.T) {
 }
 
 // With -rate 0 the same lines all run at once.
+// Without flood control only its readers hold a sender back: one that
+// outruns a user who reads, slowly, waits for it (Server.keepUp), rather
+// than get it dropped by broadcasts or get R12 for its whispers.
+func TestSendersWaitWithoutFloodControl(t *testing.T) {
+	t.Parallel()
+	for _, whisper := range []bool{false, true} {
+		t.Run(map[bool]string{false: "broadcast", true: "whisper"}[whisper], func(t *testing.T) {
+			t.Parallel()
+			synctest.Test(t, func(t *testing.T) {
+				ts := startPipe(t, Config{})
+				r := ts.join() // reads a line every 10 ms: 400 KB/s
+				a := ts.join(r)
+				const lines = 2 * maxQueuedBytes / 4000
+				var send strings.Builder
+				want := make([]string, lines)
+				for i := range lines {
+					text := fmt.Sprintf("%04d%s", i, strings.Repeat("x", 3996))
+					want[i] = a.says(text)
+					if whisper {
+						text, want[i] = "to|"+r.name+"|"+text, a.name+"对您说:"+text
+					}
+					send.WriteString(text + "\n")
+				}
+				go writeAll(a.conn, send.String())
+				echoes := make(chan error, 1)
+				go func() { // a reads its own lines at full speed
+					var err error
+					for i := 0; i < lines && !whisper && err == nil; i++ {
+						_, err = a.readLine()
+					}
+					echoes <- err
+				}()
+				for i := range lines {
+					time.Sleep(10 * time.Millisecond)
+					r.expect(want[i])
+				}
+				if err := <-echoes; err != nil {
+					t.Fatal(err)
+				}
+				a.sync() // and no R12
+				r.sync()
+			})
+		})
+	}
+}
+
 func TestFloodControlOff(t *testing.T) {
 	t.Parallel()
 	synctest.Test(t, func(t *testing.T) {
@@ -1595,7 +1651,12 @@ func TestTightBound(t *testing.T) {
 		}
 		behind := ts.join(b) // reads nothing from now on
 		burst()
-		b.expectWho(b, behind)                // 80 KB behind, under 1 MiB: still there
+		b.expectWho(b, behind) // 80 KB behind, under 1 MiB: still there
+		behind.send("who")     // a line of its own, counted in the total
+		synctest.Wait()
+		if ts.srv.queued.Load() == 0 {
+			t.Fatal("behind's who reply is not counted")
+		}
 		ts.srv.queued.Add(maxQueuedTotal + 1) // as if everyone were behind
 		b.send("hi")
 		b.expect(b.says("hi"), behind.offline())
@@ -1950,8 +2011,43 @@ func TestTLSTurnedAway(t *testing.T) {
 	}
 }
 
+// At most maxHandshakes TLS handshakes run at once: past that a new
+// connection is closed at once, and each ends after handshakeTimeout.
+func TestTLSHandshakesBounded(t *testing.T) {
+	t.Parallel()
+	serverTLS, _, _, _ := testTLS(t)
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, Config{TLS: serverTLS})
+		var silent []*client
+		for range maxHandshakes { // none sends its ClientHello
+			silent = append(silent, ts.connect())
+		}
+		synctest.Wait()
+		if got := ts.srv.handshaking.Load(); got != maxHandshakes {
+			t.Fatalf("%d handshakes in progress, want %d", got, maxHandshakes)
+		}
+		start := time.Now()
+		ts.connect().expectClosed()
+		if got := time.Since(start); got != 0 {
+			t.Errorf("the connection past the bound was closed after %v, want at once", got)
+		}
+		ts.expectLogged("disconnect", `reason="tls handshake failed"`, "too many handshakes")
+		time.Sleep(handshakeTimeout - time.Since(start))
+		for _, c := range silent {
+			c.expectClosed()
+		}
+		if got := time.Since(start); got != handshakeTimeout {
+			t.Errorf("the handshakes ended after %v, want %v", got, handshakeTimeout)
+		}
+		if got := ts.srv.handshaking.Load(); got != 0 {
+			t.Errorf("%d handshakes still counted", got)
+		}
+	})
+}
+
 // A TLS user that stops reading holds the stop for its last flush, and no
-// longer: closing a TLS connection must not wait for its close_notify.
+// longer; one that read its R10, then stopped, holds it not at all: closing
+// a TLS connection must not wait for a close_notify nobody reads.
 func TestTLSDeafAtTheStop(t *testing.T) {
 	t.Parallel()
 	serverTLS, clientTLS, _, _ := testTLS(t)
@@ -1959,9 +2055,11 @@ func TestTLSDeafAtTheStop(t *testing.T) {
 		ts := startPipe(t, Config{TLS: serverTLS})
 		ts.joinTLS(clientTLS) // never reads after its 已上线
 		a := ts.joinTLS(clientTLS)
+		c := ts.joinTLS(clientTLS, a) // reads up to its R10, then nothing
 		start := time.Now()
 		stopped := make(chan error, 1)
 		go func() { stopped <- ts.stop() }()
+		c.expect(r10)
 		a.expect(r10)
 		a.expectClosed()
 		if err := <-stopped; err != nil {
@@ -3408,7 +3506,9 @@ func FuzzTelnet(f *testing.F) {
 			n := min(max(int(size), 1), len(rest))
 			buf := append([]byte{0}, rest[:n]...)
 			var piece []byte
-			piece, _, interrupted = u.telnet(buf[:0], buf[1:])
+			var ip error
+			piece, _, ip = u.telnet(buf[:0], buf[1:])
+			interrupted = ip == io.EOF
 			text = append(text, piece...)
 			rest = rest[n:]
 		}

@@ -135,12 +135,13 @@ func (u *User) read() {
 	for {
 		n, err := u.conn.Read(buf[1:])
 		text, telnetBytes, interrupted := u.telnet(buf[:0], buf[1:1+n])
+		err = cmp.Or(err, interrupted) // telnet's Ctrl-C ends the connection as a close does
 		lines.cut(text, run)
 		u.pace((telnetBytes + unitBytes - 1) / unitBytes) // telnet's bytes are paced too
-		if err == nil && interrupted {
-			err = io.EOF // telnet's Ctrl-C ends the connection as a close does
-		}
 		if err != nil {
+			if u.telnetIn == inIAC && interrupted == nil { // a last 0xFF, no command after it
+				lines.cut([]byte{iac}, run)
+			}
 			if len(lines.part) > 0 {
 				lines.cut([]byte("\n"), run) // the last line, which came without one
 			}
@@ -600,7 +601,7 @@ func closeWrite(conn net.Conn) {
 		cw.CloseWrite()
 		return
 	}
-	conn.Close()
+	netConn(conn).Close()
 }
 
 // netConn is the connection under TLS, if any. A TLS connection is
@@ -635,11 +636,11 @@ const (
 // telnet takes telnet's commands out of data (README's "Telnet"), writing
 // the text that remains to dst, which is data's buffer moved at most one
 // byte earlier, and answers telnet's questions: DO with WONT, WILL with
-// DONT. It returns the text, how many bytes it took out, and whether the
+// DONT. It returns the text, how many bytes it took out, and io.EOF if the
 // client sent IAC IP, after which the rest is not read.
-func (u *User) telnet(dst, data []byte) (text []byte, took int, interrupted bool) {
+func (u *User) telnet(dst, data []byte) (text []byte, took int, interrupted error) {
 	if u.telnetIn == 0 && bytes.IndexByte(data, iac) < 0 {
-		return data, 0, false // no telnet in it: most reads
+		return data, 0, nil // no telnet in it: most reads
 	}
 	for i, c := range data {
 		switch in := u.telnetIn; {
@@ -650,7 +651,7 @@ func (u *User) telnet(dst, data []byte) (text []byte, took int, interrupted bool
 		case in == inIAC && c == iac: // IAC IAC is a 0xFF in the text
 			dst, u.telnetIn = append(dst, iac), 0
 		case in == inIAC && c == ip:
-			return dst, i + 1 - len(dst), true
+			return dst, i + 1 - len(dst), io.EOF
 		case in == inIAC && (c == sb || c >= will):
 			u.telnetIn = c
 		case in == inIAC && c < se: // a 0xFF that is not telnet's: invalid UTF-8, cleaned
@@ -666,7 +667,7 @@ func (u *User) telnet(dst, data []byte) (text []byte, took int, interrupted bool
 			u.telnetIn = sb
 		}
 	}
-	return dst, len(data) - len(dst), false
+	return dst, len(data) - len(dst), nil
 }
 
 // Cleaning lines.
@@ -812,9 +813,8 @@ func oneScript(scripts []string) bool {
 // user: full-width ASCII becomes ASCII, each rune the least of its case
 // folding (unicode.SimpleFold), and a letter that looks like a Latin letter
 // or digit that letter (lookAlike).
-func nameKey(name string) string { return string(appendKey(nil, name)) }
-
-func appendKey(key []byte, name string) []byte {
+func nameKey(name string) string {
+	key := make([]byte, 0, len(name))
 	for _, r := range name {
 		if r < 0x80 { // ASCII: fold is ToUpper, and nothing looks alike
 			key = append(key, byte(unicode.ToUpper(r)))
@@ -826,7 +826,7 @@ func appendKey(key []byte, name string) []byte {
 		r = fold(r)
 		key = utf8.AppendRune(key, cmp.Or(lookAlike[r], r))
 	}
-	return key
+	return string(key)
 }
 
 func fold(r rune) rune {
