@@ -1073,15 +1073,25 @@ func TestNoSpinBeforeTheKick(t *testing.T) {
 // recordConn is a connection that takes every write at once and keeps it;
 // reads wait until it is closed.
 type recordConn struct {
+	fakeConn
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+// fakeConn is the part of a net.Conn the in-process fakes share: reads
+// wait for Close, deadlines are ignored.
+type fakeConn struct {
 	addr   net.Addr
-	mu     sync.Mutex
-	b      bytes.Buffer
 	closed chan struct{}
 	once   sync.Once
 }
 
+func newFake(port int) fakeConn {
+	return fakeConn{addr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}, closed: make(chan struct{})}
+}
+
 func newRecord(port int) *recordConn {
-	return &recordConn{addr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}, closed: make(chan struct{})}
+	return &recordConn{fakeConn: newFake(port)}
 }
 
 func (c *recordConn) Write(p []byte) (int, error) {
@@ -1096,21 +1106,21 @@ func (c *recordConn) String() string {
 	return c.b.String()
 }
 
-func (c *recordConn) Read([]byte) (int, error) {
+func (c *fakeConn) Read([]byte) (int, error) {
 	<-c.closed
 	return 0, io.EOF
 }
 
-func (c *recordConn) Close() error {
+func (c *fakeConn) Close() error {
 	c.once.Do(func() { close(c.closed) })
 	return nil
 }
 
-func (c *recordConn) LocalAddr() net.Addr              { return c.addr }
-func (c *recordConn) RemoteAddr() net.Addr             { return c.addr }
-func (c *recordConn) SetDeadline(time.Time) error      { return nil }
-func (c *recordConn) SetReadDeadline(time.Time) error  { return nil }
-func (c *recordConn) SetWriteDeadline(time.Time) error { return nil }
+func (c *fakeConn) LocalAddr() net.Addr              { return c.addr }
+func (c *fakeConn) RemoteAddr() net.Addr             { return c.addr }
+func (c *fakeConn) SetDeadline(time.Time) error      { return nil }
+func (c *fakeConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *fakeConn) SetWriteDeadline(time.Time) error { return nil }
 
 // stagedUser is a user on a recordConn, for the tests that hand out the
 // hub's messages themselves, one at a time.
@@ -3528,9 +3538,7 @@ func FuzzTelnet(f *testing.F) {
 // sinkConn takes every write at once and counts the lines; reads wait
 // until it is closed. It lets a benchmark time the server alone.
 type sinkConn struct {
-	addr    net.Addr
-	closed  chan struct{}
-	once    sync.Once
+	fakeConn
 	mu      sync.Mutex
 	lines   int64
 	want    int64
@@ -3538,7 +3546,7 @@ type sinkConn struct {
 }
 
 func newSink(port int) *sinkConn {
-	return &sinkConn{addr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}, closed: make(chan struct{})}
+	return &sinkConn{fakeConn: newFake(port)}
 }
 
 func (c *sinkConn) Write(p []byte) (int, error) {
@@ -3570,22 +3578,6 @@ func (c *sinkConn) count() int64 {
 	defer c.mu.Unlock()
 	return c.lines
 }
-
-func (c *sinkConn) Read([]byte) (int, error) {
-	<-c.closed
-	return 0, io.EOF
-}
-
-func (c *sinkConn) Close() error {
-	c.once.Do(func() { close(c.closed) })
-	return nil
-}
-
-func (c *sinkConn) LocalAddr() net.Addr              { return c.addr }
-func (c *sinkConn) RemoteAddr() net.Addr             { return c.addr }
-func (c *sinkConn) SetDeadline(time.Time) error      { return nil }
-func (c *sinkConn) SetReadDeadline(time.Time) error  { return nil }
-func (c *sinkConn) SetWriteDeadline(time.Time) error { return nil }
 
 // benchRoom is a server with n users on sinks, their Handlers running,
 // everyone's 已上线 already written.
