@@ -18,7 +18,7 @@ import (
 	"time"
 )
 
-// Limits. README's "Limits" section states each one; a client can make the
+// Limits. README names each one where it applies; a client can make the
 // server hold or wait for no more than they allow.
 const (
 	// maxLineBytes is the longest line a client may send, its "\n" and a
@@ -79,8 +79,8 @@ const (
 	messageQueue = 1024
 )
 
-// The replies of README's "Replies" (R1–R12 but R3, which carries the
-// new name), each a whole line, shared by every user that gets it.
+// The replies of README's "What a line does" (R1–R12 but R3, which carries
+// the new name), each a whole line, shared by every user that gets it.
 var (
 	replyBadName   = []byte("用户名不合法：1-32个字符，不能包含空白和 | : [ ]\n") // R1
 	replyNameTaken = []byte("当前用户名被使用了\n")                      // R2
@@ -250,8 +250,9 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 }
 
 // Handler serves one user, as the course's Handler does: it runs its TLS
-// handshake if there is TLS, brings it in (Online) and starts its reader, then runs the select loop that kicks
-// the user when no line came for s.Idle, until the user leaves. Then it
+// handshake if there is TLS, brings it in (Online) and starts its reader,
+// then runs the select loop that kicks the user when no line came for
+// s.Idle, until the user leaves. Then it
 // takes the user out (Offline), waits for its last lines to be written
 // (at most flushTimeout), lingers, and closes the connection. README's
 // "How it works" tells the whole life of a user.
@@ -397,7 +398,7 @@ func (s *Server) handOut(m message) {
 }
 
 // join brings u into the room, unless the server stops or u's address is
-// a name online already (README's "Users": it gets R11).
+// a name online already (README's "Users and names": it gets R11).
 func (s *Server) join(u *User, online *line) {
 	u.lc = s.tail // u's part of the room's log begins here
 	u.at.Store(s.head.Load())
@@ -467,9 +468,10 @@ func (s *Server) fanOut(l *line) {
 // back a sender that outruns its readers, which would fall behind and be
 // dropped, or see whispers refused (R12): so the senders wait instead,
 // slowed down by TCP. A user that stopped reading holds nobody up.
-// (Without it compare.sh's fanout, slowreader and private dropped readers,
-// or whispers, at full speed.)
 func (s *Server) keepUp(users ...*User) {
+	// Without it, the side-by-side harness's fanout, slowreader and private
+	// scenarios (OURS_ARGS="-idle 0 -rate 0 -max-conns-per-ip 0") dropped
+	// readers or refused whispers; TestSendersWaitWithoutFloodControl.
 	if s.unitEvery != 0 {
 		return
 	}
@@ -766,7 +768,7 @@ func record(level slog.Level, msg string, attrs ...any) slog.Record {
 // writeLog writes the lines of s.logs to s.logTo until done is closed and
 // they are written. Of each kind of event it writes logBurst lines a second
 // at most, and the count of the rest once the second is over; rejections,
-// once a second for each reason, with their count (README's "The log").
+// once a second for each reason, with their count (README's "Operating it").
 func (s *Server) writeLog(done <-chan struct{}) {
 	defer close(s.logEnded)
 	counts := map[string]int{}     // lines of each kind in this second

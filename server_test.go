@@ -36,8 +36,8 @@ import (
 	"unicode"
 )
 
-// The replies of README's "Replies", written out again rather than taken
-// from the code, so that a changed reply fails here.
+// The replies of README's "What a line does", written out again rather
+// than taken from the code, so that a changed reply fails here.
 const (
 	r1  = "用户名不合法：1-32个字符，不能包含空白和 | : [ ]"
 	r2  = "当前用户名被使用了"
@@ -541,7 +541,7 @@ func TestCommands(t *testing.T) {
 		{"lines in one write run in order", "hi\nwho\nto|\nto|bob|x\n", []string{
 			"[" + addrA + "]alice:hi", "[" + addrA + "]alice:在线...", "[" + addrB + "]bob:在线...", r4,
 		}, []string{"[" + addrA + "]alice:hi", "alice对您说:x"}},
-		// Telnet talking (README's "Telnet"): taken out, and answered.
+		// Telnet talking (README's "Framing"): taken out, and answered.
 		{"telnet DO is answered WONT", "\xff\xfd\x01hi\n", []string{"\xff\xfc\x01" + a("hi")[0]}, a("hi")},
 		{"telnet WILL is answered DONT", "\xff\xfb\x18hi\n", []string{"\xff\xfe\x18" + a("hi")[0]}, a("hi")},
 		{"telnet WONT and DONT are not answered", "\xff\xfc\x01\xff\xfe\x01hi\n", a("hi"), a("hi")},

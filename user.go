@@ -633,7 +633,7 @@ const (
 	inSBIAC = 2
 )
 
-// telnet takes telnet's commands out of data (README's "Telnet"), writing
+// telnet takes telnet's commands out of data (README's "Framing"), writing
 // the text that remains to dst, which is data's buffer moved at most one
 // byte earlier, and answers telnet's questions: DO with WONT, WILL with
 // DONT. It returns the text, how many bytes it took out, and io.EOF if the
@@ -756,8 +756,8 @@ func parseCommand(line []byte) command {
 // Names.
 
 // validName reports whether name may be chosen with rename| (README's
-// "Names"): so that no name looks like an address, forges the [addr]name:
-// prefix, or passes for another name in who or in a whisper.
+// "Users and names"): so that no name looks like an address, forges the
+// [addr]name: prefix, or passes for another name in who or in a whisper.
 func validName(name []byte) bool {
 	var scripts []string // the scripts of its letters, Common and Inherited aside
 	prev := ""           // the script of the rune before, if a letter's
