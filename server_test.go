@@ -76,6 +76,15 @@ func TestMain(m *testing.M) {
 		}
 	}
 	if os.Getenv("CHAT_SERVER_MAIN") == "1" {
+		// A test that starts a server keeps a pipe on its stdin: should the
+		// test binary die (a timeout's panic runs no cleanup), the pipe
+		// ends, and so does this server, rather than outlive the tests.
+		if fi, err := os.Stdin.Stat(); err == nil && fi.Mode()&os.ModeNamedPipe != 0 {
+			go func() {
+				io.Copy(io.Discard, os.Stdin)
+				os.Exit(3)
+			}()
+		}
 		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 	}
 	os.Exit(m.Run())
@@ -2856,6 +2865,7 @@ func startProcessPipe(t *testing.T, env []string, args ...string) (*exec.Cmd, ch
 	t.Helper()
 	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(append(os.Environ(), "CHAT_SERVER_MAIN=1"), env...)
+	stdin := holdStdin(t, cmd)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -2874,8 +2884,21 @@ func startProcessPipe(t *testing.T, env []string, args ...string) (*exec.Cmd, ch
 	t.Cleanup(func() {
 		cmd.Process.Kill()
 		cmd.Wait()
+		stdin.Close()
 	})
 	return cmd, lines, stderr
+}
+
+// holdStdin gives cmd a pipe for its stdin that only this process holds:
+// the server ends when it ends (see TestMain). The caller closes it once
+// the server is gone.
+func holdStdin(t *testing.T, cmd *exec.Cmd) io.Closer {
+	t.Helper()
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return stdin
 }
 
 func waitLine(t *testing.T, lines chan string, substr string) string {
@@ -3062,6 +3085,7 @@ func TestProcessStalledStderr(t *testing.T) {
 	cmd := exec.Command(os.Args[0], "-port", "0", "-idle", "0", "-max-conns-per-ip", "0")
 	cmd.Env = append(os.Environ(), "CHAT_SERVER_MAIN=1")
 	cmd.Stderr = w
+	stdin := holdStdin(t, cmd)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -3069,6 +3093,7 @@ func TestProcessStalledStderr(t *testing.T) {
 	t.Cleanup(func() {
 		cmd.Process.Kill()
 		cmd.Wait()
+		stdin.Close()
 	})
 	first, err := bufio.NewReader(r).ReadString('\n') // then stderr is never read again
 	_, addr, ok := strings.Cut(strings.TrimSpace(first), "addr=")
