@@ -596,8 +596,7 @@ func (s *Server) checkDescriptors() {
 	// Besides its users: stdin, stdout, stderr, the listener, the poller
 	// and its wakeup, the spare, the connections being turned away.
 	if need := uint64(s.MaxConns) + 7 + maxRejecting; need > lim.Cur {
-		s.event(slog.LevelWarn, "file descriptor limit below -max-conns", "limit", lim.Cur, "need", need,
-			"hint", "raise it (ulimit -n, LimitNOFILE=) or lower -max-conns")
+		s.event(slog.LevelWarn, "file descriptor limit below -max-conns", "limit", lim.Cur, "need", need, "hint", "raise it (ulimit -n, LimitNOFILE=) or lower -max-conns")
 	}
 }
 

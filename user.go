@@ -788,11 +788,8 @@ func validName(name []byte) bool {
 // scriptOf returns the script of r, or "" for the Common and Inherited
 // scripts (digits, punctuation, emoji, combining accents…).
 func scriptOf(r rune) string {
-	if unicode.In(r, unicode.Common, unicode.Inherited) {
-		return ""
-	}
 	for name, table := range unicode.Scripts {
-		if unicode.Is(table, r) {
+		if unicode.Is(table, r) && name != "Common" && name != "Inherited" {
 			return name
 		}
 	}
