@@ -3361,7 +3361,7 @@ var cjkLikeControls = []string{"肪", "肫", "肬", "肭", "肮", "膦", "膧", 
 
 func FuzzClean(f *testing.F) {
 	for _, s := range []string{"", "plain", "\x1b[31m", "a\rb", "\xff\xfe", "\xff\x01\xff", "\u0085", "\u009f\u00a0", "\xc2", "\xed\xa0\x80", "\t", "你好\x00", "\uFFFD\xff",
-		"a\u202eb", "\u2066x\u2069", "\u2029\u202f\u2065\u206a", "\xe2\x80", "\xe2\x80\xae\xff", "\u200e\u200f\u061c\u2028"} {
+		"a\u202eb", "\u2066x\u2069", "\u2029\u202f\u2065\u206a", "\xe2\x80", "\xe2\x80\xae\xff", "\u200e\u200f\u061c\u2028", "~\x7f", "a \x1fb"} {
 		f.Add([]byte(s))
 	}
 	for _, c := range cjkLikeControls {

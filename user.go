@@ -677,9 +677,17 @@ func (u *User) telnet(dst, data []byte) (text []byte, took int, interrupted erro
 // names removed, so that no user can drive another's terminal or turn
 // another's text around. A line that needs none of it is returned as it is.
 func clean(line []byte) []byte {
+	// Printable ASCII needs nothing. Skipping it first carries a figure:
+	// compare.sh's private scenario (whispers, fair-use limits off) gave
+	// 0.81× the limit server without it and 0.87× with it (medians of 4
+	// interleaved `chatload -scenario private` runs each); the goal is 0.85×.
+	i := 0
+	for i < len(line) && line[i] >= 0x20 && line[i] < 0x7f {
+		i++
+	}
 	var out []byte // nil until something changes
 	invalid := false
-	for i := 0; i < len(line); {
+	for i < len(line) {
 		r, size := utf8.DecodeRune(line[i:])
 		bad := r == utf8.RuneError && size == 1
 		drop := !bad && removed(r)
