@@ -326,8 +326,10 @@ func (s *Server) BroadCast(u *User, text []byte) {
 }
 
 // sendTo queues l for to alone: a reply to one of from's commands (to is
-// from), or one of from's whispers.
+// from), or one of from's whispers. Until the hub takes it, it is on its
+// way to to (see User.behind).
 func (s *Server) sendTo(from, to *User, l *line) {
+	to.incoming.Add(int64(len(l.b)))
 	s.send(message{kind: msgTo, from: from, to: to, line: l})
 }
 
@@ -377,6 +379,9 @@ func (s *Server) ListenMessager() {
 // handOut does what m says.
 func (s *Server) handOut(m message) {
 	u := m.from
+	if m.kind == msgTo {
+		m.to.incoming.Add(-int64(len(m.line.b))) // it is on its way no more
+	}
 	switch {
 	case m.kind == msgShutdown:
 		s.stopping = true
@@ -391,7 +396,6 @@ func (s *Server) handOut(m message) {
 	case !u.inRoom: // its line goes nowhere
 	case m.kind == msgAll:
 		s.fanOut(m.line)
-	case m.to != u && m.to.incoming.Add(-int64(len(m.line.b))) < 0: // never: it counts what is on its way
 	case !m.to.inRoom:
 	case m.to != u && m.to.waiting() > tightQueuedBytes:
 		s.push(u, &line{b: replyBehind}, s.bound()) // R12: no crowd can drop a reader by whispering

@@ -935,6 +935,22 @@ func TestReadingClientNotDropped(t *testing.T) {
 	})
 }
 
+// A kicked user that reads no more has flushTimeout for its last flush
+// (R8): then it is closed, not left to the stall's 2 minutes.
+func TestKickedNonReaderFlushBounded(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		const idle = time.Minute
+		ts := startPipe(t, Config{Idle: idle})
+		ts.join() // reads its 已上线, then nothing
+		time.Sleep(idle + flushTimeout)
+		synctest.Wait()
+		if !strings.Contains(ts.logs.String(), "reason=idle") {
+			t.Errorf("not closed %v after the kick:\n%s", flushTimeout, ts.logs.String())
+		}
+	})
+}
+
 // A kicked client that does not read is kicked on time, though its writer
 // is stuck in a write, and leaves who at once, not after its last flush
 // gives up.
@@ -1364,6 +1380,30 @@ func TestFloodControlOff(t *testing.T) {
 		}
 		if got := time.Since(start); got != 0 {
 			t.Errorf("1,000 lines took %v without flood control", got)
+		}
+	})
+}
+
+// Whispers to oneself, once handed out, are no longer on their way: a user
+// that read 40 KB of them is not behind, and no broadcast waits for it.
+func TestWhispersToSelfNotBehind(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		ts := startPipe(t, Config{})
+		a := ts.join()
+		b := ts.join(a)
+		a.rename("alice")
+		text := strings.Repeat("y", 4000)
+		for range 10 {
+			a.send("to|alice|" + text)
+			a.expect("alice对您说:" + text)
+		}
+		start := time.Now()
+		b.send("hi", "again")
+		a.expect(b.says("hi"), b.says("again"))
+		b.expect(b.says("hi"), b.says("again"))
+		if got := time.Since(start); got != 0 {
+			t.Errorf("broadcasts waited %v for a user that reads all it gets", got)
 		}
 	})
 }

@@ -53,7 +53,6 @@ type User struct {
 	caughtUp   chan struct{} // closed once u is no more behind, if someone waits: see behind
 	sealed     bool          // nothing more is queued (the user left)
 	aborted    bool          // dropped: what waits is thrown away, conn ends at once
-	final      time.Time     // once sealed, the deadline of the last writes
 	flushed    chan struct{} // closed once u left and all that waited for it went
 	flushOnce  sync.Once
 
@@ -129,7 +128,7 @@ func (u *User) read() {
 			long = u.tooLong(long, size, end)
 		default:
 			u.arrived()
-			u.DoMessage(line, len(line))
+			u.DoMessage(line)
 		}
 	}
 	for {
@@ -217,11 +216,11 @@ func (u *User) arrived() {
 	u.lastLineAt.Store(int64(time.Since(u.srv.epoch)))
 }
 
-// DoMessage runs one line, of size bytes as received: clean it, pay for
-// it, then do what it says.
-func (u *User) DoMessage(line []byte, size int) {
+// DoMessage runs one line: clean it, pay for it (its bytes as received),
+// then do what it says.
+func (u *User) DoMessage(line []byte) {
 	s := u.srv
-	line = clean(line)
+	size, line := len(line), clean(line)
 	cmd := parseCommand(line)
 	if !u.pace(s.cost(cmd.kind, size)) || u.gone() {
 		return // u left while the line waited
@@ -303,7 +302,6 @@ func (u *User) whisper(name, text []byte) {
 		}
 		b := make([]byte, 0, len(u.Name)+len("对您说:")+len(text)+1)
 		b = append(append(append(append(b, u.Name...), "对您说:"...), text...), '\n')
-		to.incoming.Add(int64(len(b)))
 		s.sendTo(u, to, &line{b: b})
 	}
 }
@@ -433,11 +431,9 @@ func (u *User) ListenMessage() {
 			}
 			continue
 		}
-		deadline := time.Now().Add(stallTimeout)
-		if u.sealed {
-			deadline = u.final
+		if !u.sealed { // once sealed, seal and abort set the deadline
+			u.conn.SetWriteDeadline(time.Now().Add(stallTimeout))
 		}
-		u.conn.SetWriteDeadline(deadline) // under mu: seal and abort move it too
 		u.mu.Unlock()
 		u.writeBegan.Store(time.Now().UnixNano())
 		n, err := bufs.WriteTo(u.conn)
@@ -537,8 +533,7 @@ func (u *User) seal(final []byte) {
 			u.queueLocked(&line{b: final})
 		}
 		u.sealed = true
-		u.final = time.Now().Add(flushTimeout)
-		u.conn.SetWriteDeadline(u.final)
+		u.conn.SetWriteDeadline(time.Now().Add(flushTimeout))
 		u.flushedLocked()
 	}
 	u.mu.Unlock()
